@@ -1,0 +1,1 @@
+"""Control-plane backends: each implements the ``ControlPlane`` protocol."""
