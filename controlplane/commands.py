@@ -21,6 +21,7 @@ from .validation import (
     check_name,
     check_positive,
     coerce_settings,
+    merge_settings,
 )
 
 __all__ = [
@@ -50,17 +51,28 @@ __all__ = [
 class _Command(msgspec.Struct, frozen=True, kw_only=True, tag=True, array_like=True):
     time: float = 0.0
 
+    def check(self) -> None:
+        """Raise ``InvalidRequestError`` if a field is invalid (without looking at the state)."""
+
 
 class RegisterNode(_Command, frozen=True):
     """Register a node, or update a registered one (re-registration is idempotent)."""
 
     node: Node
 
+    def check(self) -> None:
+        check_name("node", self.node.id)
+        if self.node.zone:
+            check_name("zone", self.node.zone)
+
 
 class UnregisterNode(_Command, frozen=True):
     """Remove a node; its shard copies are re-placed."""
 
     node_id: str
+
+    def check(self) -> None:
+        check_name("node", self.node_id)
 
 
 class UpdateNodeStatus(_Command, frozen=True):
@@ -69,11 +81,18 @@ class UpdateNodeStatus(_Command, frozen=True):
     node_id: str
     status: NodeStatus
 
+    def check(self) -> None:
+        check_name("node", self.node_id)
+
 
 class MarkNodesDown(_Command, frozen=True):
     """Mark nodes whose heart-beats stopped as DOWN (proposed by the liveness checker)."""
 
     node_ids: tuple[str, ...]
+
+    def check(self) -> None:
+        for node_id in self.node_ids:
+            check_name("node", node_id)
 
 
 class CreateIndex(_Command, frozen=True):
@@ -83,18 +102,38 @@ class CreateIndex(_Command, frozen=True):
     settings: IndexSettings = IndexSettings()
     mappings: dict[str, Any] = {}
 
+    def check(self) -> None:
+        check_name("index", self.name)
+        coerce_settings(self.settings)
+
 
 class DeleteIndex(_Command, frozen=True):
     """Delete an index and its routing."""
 
     name: str
 
+    def check(self) -> None:
+        check_name("index", self.name)
+
 
 class UpdateIndexSettings(_Command, frozen=True):
-    """Change an index's settings (replica count, extra settings; not the shard count)."""
+    """Change an index's settings (replica count, extra settings; not the shard count).
+
+    Either ``settings`` replaces them all, or ``patch`` changes only the keys it names.
+    """
 
     name: str
-    settings: IndexSettings
+    settings: IndexSettings | None = None
+    patch: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        check_name("index", self.name)
+        if (self.settings is None) == (self.patch is None):
+            raise InvalidRequestError("give either settings or a patch of settings")
+        if self.settings is not None:
+            coerce_settings(self.settings)
+        else:
+            merge_settings(IndexSettings(), self.patch or {})
 
 
 class AllocateShard(_Command, frozen=True):
@@ -105,6 +144,11 @@ class AllocateShard(_Command, frozen=True):
     node_id: str
     from_node: str | None = None
 
+    def check(self) -> None:
+        _check_copy(self.index, self.shard, self.node_id)
+        if self.from_node is not None:
+            check_name("node", self.from_node)
+
 
 class DeallocateShard(_Command, frozen=True):
     """Take a shard copy off a node; the allocator places it elsewhere."""
@@ -112,6 +156,9 @@ class DeallocateShard(_Command, frozen=True):
     index: str
     shard: int
     node_id: str
+
+    def check(self) -> None:
+        _check_copy(self.index, self.shard, self.node_id)
 
 
 class UpdateShardState(_Command, frozen=True):
@@ -122,6 +169,13 @@ class UpdateShardState(_Command, frozen=True):
     node_id: str
     state: ShardState
 
+    def check(self) -> None:
+        _check_copy(self.index, self.shard, self.node_id)
+        if self.state not in (ShardState.STARTED, ShardState.UNASSIGNED):
+            raise InvalidRequestError(
+                f"a data node may report a copy STARTED or failed (UNASSIGNED), not {self.state}"
+            )
+
 
 class AcquireLock(_Command, frozen=True):
     """Take a lock for ``ttl`` seconds of replicated time."""
@@ -129,6 +183,11 @@ class AcquireLock(_Command, frozen=True):
     key: str
     holder: str
     ttl: float
+
+    def check(self) -> None:
+        check_lock_key(self.key)
+        check_holder(self.holder)
+        check_positive("lock ttl", self.ttl)
 
 
 class RenewLock(_Command, frozen=True):
@@ -139,6 +198,12 @@ class RenewLock(_Command, frozen=True):
     token: int
     ttl: float | None = None
 
+    def check(self) -> None:
+        check_lock_key(self.key)
+        check_holder(self.holder)
+        if self.ttl is not None:
+            check_positive("lock ttl", self.ttl)
+
 
 class ReleaseLock(_Command, frozen=True):
     """Release a held lock."""
@@ -146,6 +211,10 @@ class ReleaseLock(_Command, frozen=True):
     key: str
     holder: str
     token: int
+
+    def check(self) -> None:
+        check_lock_key(self.key)
+        check_holder(self.holder)
 
 
 class ExpireLocks(_Command, frozen=True):
@@ -160,6 +229,17 @@ class UpdateHashRing(_Command, frozen=True):
     replication_factor: int | None = None
     follow_membership: bool | None = None
 
+    def check(self) -> None:
+        nodes, vnodes, rf = self.nodes, self.vnodes, self.replication_factor
+        for node_id in nodes or ():
+            check_name("node", node_id)
+        if nodes is not None and len(set(nodes)) != len(nodes):
+            raise InvalidRequestError("hash ring nodes must be distinct")
+        if vnodes is not None and not 1 <= vnodes <= 4096:
+            raise InvalidRequestError(f"vnodes must be from 1 to 4096, got {vnodes}")
+        if rf is not None and not 1 <= rf <= 16:
+            raise InvalidRequestError(f"replication_factor must be from 1 to 16, got {rf}")
+
 
 class SetClusterConfig(_Command, frozen=True):
     """Replace the cluster configuration, if its version is still ``expected_version``."""
@@ -167,12 +247,21 @@ class SetClusterConfig(_Command, frozen=True):
     config: ClusterConfig
     expected_version: int | None = None
 
+    def check(self) -> None:
+        check_positive("config.node_timeout", self.config.node_timeout)
+        check_positive("config.max_lock_ttl", self.config.max_lock_ttl)
+        for key in self.config.settings:
+            check_flag_name(key)
+
 
 class SetFeatureFlag(_Command, frozen=True):
     """Turn a feature flag on or off."""
 
     name: str
     enabled: bool
+
+    def check(self) -> None:
+        check_flag_name(self.name)
 
 
 class RestoreState(_Command, frozen=True):
@@ -203,78 +292,14 @@ Command = (
 )
 
 
-def _shard(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise InvalidRequestError(f"shard must be a non-negative integer, got {value!r}")
-    return value
+def _check_copy(index: str, shard: int, node_id: str) -> None:
+    check_name("index", index)
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise InvalidRequestError(f"shard must be a non-negative integer, got {shard!r}")
+    check_name("node", node_id)
 
 
 def validate(command: Command) -> Command:
     """Check what can be checked without the state; raise ``InvalidRequestError`` if bad."""
-    match command:
-        case RegisterNode(node=node):
-            check_name("node", node.id)
-            if node.zone:
-                check_name("zone", node.zone)
-        case UnregisterNode(node_id=node_id) | UpdateNodeStatus(node_id=node_id):
-            check_name("node", node_id)
-        case MarkNodesDown(node_ids=ids):
-            for node_id in ids:
-                check_name("node", node_id)
-        case CreateIndex(name=name, settings=settings):
-            check_name("index", name)
-            coerce_settings(settings)
-        case UpdateIndexSettings(name=name, settings=settings):
-            check_name("index", name)
-            coerce_settings(settings)
-        case DeleteIndex(name=name):
-            check_name("index", name)
-        case AllocateShard(index=index, shard=shard, node_id=node_id, from_node=from_node):
-            check_name("index", index)
-            _shard(shard)
-            check_name("node", node_id)
-            if from_node is not None:
-                check_name("node", from_node)
-        case DeallocateShard(index=index, shard=shard, node_id=node_id):
-            check_name("index", index)
-            _shard(shard)
-            check_name("node", node_id)
-        case UpdateShardState(index=index, shard=shard, node_id=node_id, state=state):
-            check_name("index", index)
-            _shard(shard)
-            check_name("node", node_id)
-            if state not in (ShardState.STARTED, ShardState.UNASSIGNED):
-                raise InvalidRequestError(
-                    f"a data node may report a copy STARTED or failed (UNASSIGNED), not {state}"
-                )
-        case AcquireLock(key=key, holder=holder, ttl=ttl):
-            check_lock_key(key)
-            check_holder(holder)
-            check_positive("lock ttl", ttl)
-        case RenewLock(key=key, holder=holder, ttl=ttl):
-            check_lock_key(key)
-            check_holder(holder)
-            if ttl is not None:
-                check_positive("lock ttl", ttl)
-        case ReleaseLock(key=key, holder=holder):
-            check_lock_key(key)
-            check_holder(holder)
-        case UpdateHashRing(nodes=nodes, vnodes=vnodes, replication_factor=rf):
-            for node_id in nodes or ():
-                check_name("node", node_id)
-            if nodes is not None and len(set(nodes)) != len(nodes):
-                raise InvalidRequestError("hash ring nodes must be distinct")
-            if vnodes is not None and not 1 <= vnodes <= 4096:
-                raise InvalidRequestError(f"vnodes must be from 1 to 4096, got {vnodes}")
-            if rf is not None and not 1 <= rf <= 16:
-                raise InvalidRequestError(f"replication_factor must be from 1 to 16, got {rf}")
-        case SetClusterConfig(config=config):
-            check_positive("config.node_timeout", config.node_timeout)
-            check_positive("config.max_lock_ttl", config.max_lock_ttl)
-            for key in config.settings:
-                check_flag_name(key)
-        case SetFeatureFlag(name=name):
-            check_flag_name(name)
-        case ExpireLocks() | RestoreState():
-            pass
+    command.check()
     return command

@@ -86,7 +86,11 @@ class ControlPlane(Protocol):
     async def update_index_settings(
         self, name: str, settings: IndexSettings | Mapping[str, Any]
     ) -> Index:
-        """Change replicas or extra settings (the shard count is fixed at creation)."""
+        """Change replicas or extra settings (the shard count is fixed at creation).
+
+        ``IndexSettings`` replaces the settings; a mapping changes only the keys it names
+        (``None`` removes an extra setting).
+        """
 
     # --- cluster ------------------------------------------------------------------------------
     async def get_cluster_state(self, consistent: bool = False) -> ClusterState:

@@ -62,7 +62,7 @@ from .types import (
     ShardRouting,
     ShardState,
 )
-from .validation import coerce_settings
+from .validation import coerce_settings, merge_settings
 
 __all__ = ["Outcome", "StateMachine"]
 
@@ -131,14 +131,16 @@ class StateMachine:
 
     def next_lock_expiry(self) -> float | None:
         """Replicated time at which the next lock expires, if any lock is held."""
+        return self._next_expiry(self._state.locks)
+
+    def _next_expiry(self, locks: immutables.Map[str, Lock]) -> float | None:
         heap = self._expiry
-        locks = self._state.locks
         while heap:
             expires_at, key, token = heap[0]
             lock = locks.get(key)
             if lock is not None and lock.token == token and lock.expires_at == expires_at:
                 return expires_at
-            heapq.heappop(heap)
+            heapq.heappop(heap)  # released, renewed or already expired
         return None
 
     def apply(self, command: Command) -> Outcome:
@@ -422,7 +424,10 @@ class StateMachine:
 
     def _update_index_settings(self, cmd: UpdateIndexSettings) -> Index:
         index = self._index(cmd.name)
-        settings = coerce_settings(cmd.settings)
+        if cmd.settings is not None:
+            settings = coerce_settings(cmd.settings)
+        else:
+            settings = merge_settings(index.settings, cmd.patch or {})
         if settings.number_of_shards != index.settings.number_of_shards:
             raise InvalidRequestError(
                 f"number_of_shards of index {index.name!r} is fixed at "
@@ -611,7 +616,7 @@ class StateMachine:
 
     def _expire_locks(self, cmd: ExpireLocks) -> tuple[str, ...]:
         expired: list[str] = []
-        while (due := self.next_lock_expiry()) is not None and due <= self._now:
+        while (due := self._next_expiry(self._get("locks"))) is not None and due <= self._now:
             _, key, _ = heapq.heappop(self._expiry)
             locks = self._get("locks")
             lock = locks[key]

@@ -27,6 +27,7 @@ __all__ = [
     "check_name",
     "check_positive",
     "coerce_settings",
+    "merge_settings",
 ]
 
 MAX_NAME_LENGTH = 63
@@ -142,3 +143,32 @@ def _check_count(what: str, value: object, low: int, high: int) -> None:
         raise InvalidRequestError(
             f"settings.{what} must be an integer from {low} to {high}, got {value!r}"
         )
+
+
+def merge_settings(current: IndexSettings, patch: dict[str, Any]) -> IndexSettings:
+    """``current`` with the keys of ``patch`` changed (Elasticsearch's partial update).
+
+    ``number_of_shards``/``number_of_replicas`` (or ``shards``/``replicas``) set the counts; any
+    other key sets an extra setting, and a ``None`` value removes it.
+    """
+    raw = dict(patch)
+    merged: dict[str, Any] = {
+        "number_of_shards": current.number_of_shards,
+        "number_of_replicas": current.number_of_replicas,
+    }
+    for key, alias in (("number_of_shards", "shards"), ("number_of_replicas", "replicas")):
+        if key in raw:
+            merged[key] = raw.pop(key)
+        elif alias in raw:
+            merged[key] = raw.pop(alias)
+    extra = dict(current.extra)
+    nested = raw.pop("extra", {})
+    if not isinstance(nested, dict):
+        raise InvalidRequestError(f"settings.extra must be a mapping, got {nested!r}")
+    for key, value in {**nested, **raw}.items():
+        if value is None:
+            extra.pop(key, None)
+        else:
+            extra[key] = value
+    merged["extra"] = extra
+    return coerce_settings(merged)
