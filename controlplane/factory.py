@@ -34,21 +34,26 @@ async def open_control_plane(config: Config | None = None, **overrides: Any) -> 
     else:
         config = override_config(config, overrides)
     mode = resolve_mode(config)
+    cp: ControlPlane
     if mode == "memory":
         from .backends.memory import MemoryControlPlane  # noqa: PLC0415 (imported on demand)
 
         cp = MemoryControlPlane(config)
-        try:
-            await cp.start()
-        except BaseException:
-            await cp.stop()  # release whatever a partial start took
-            raise
-        return cp
-    chosen = f"mode {mode!r}"
-    if config.mode == "auto":
-        chosen = f"mode 'auto' chose {mode!r} ({_WHY_AUTO[mode]}), and {mode!r}"
-    raise NotAvailableYetError(
-        f"{chosen} is not available in this version of controlplane; use mode: memory for "
-        "tests (mode: memory in the configuration file, CONTROL_PLANE_MODE=memory, or "
-        "open_control_plane(mode='memory'))"
-    )
+    elif mode == "raft":
+        from .backends.raft.backend import RaftControlPlane  # noqa: PLC0415
+
+        cp = RaftControlPlane(config)
+    else:
+        chosen = f"mode {mode!r}"
+        if config.mode == "auto":
+            chosen = f"mode 'auto' chose {mode!r} ({_WHY_AUTO[mode]}), and {mode!r}"
+        raise NotAvailableYetError(
+            f"{chosen} is not available in this version of controlplane; use mode: raft "
+            "(a single member needs only a data directory) or mode: memory for tests"
+        )
+    try:
+        await cp.start()
+    except BaseException:
+        await cp.stop()  # release whatever a partial start took
+        raise
+    return cp

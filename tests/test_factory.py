@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import anyio
 import pytest
@@ -66,18 +67,41 @@ async def test_memory_from_overrides_and_environment(monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("mode", ["raft", "k8s"])
-async def test_modes_not_available_yet(mode: str) -> None:
-    with pytest.raises(NotAvailableYetError) as info:
-        await open_control_plane(mode=mode)
-    message = str(info.value)
-    assert message.startswith(f"mode '{mode}' is not available in this version")
-    assert "use mode: memory for tests" in message
+async def test_raft_opens_a_single_member(tmp_path: Path) -> None:
+    with anyio.fail_after(30):
+        async with await open_control_plane(
+            mode="raft", raft__data_dir=str(tmp_path), raft__listen_port=0
+        ) as cp:
+            assert isinstance(cp, ControlPlane)
+            index = await cp.create_index("logs")
+            assert (await cp.get_index("logs")) == index
+            assert (await cp.health()).backend == "raft"
 
 
 @pytest.mark.anyio
-async def test_auto_says_what_it_chose() -> None:
-    with pytest.raises(NotAvailableYetError, match="mode 'auto' chose 'raft'"):
+async def test_k8s_not_available_yet() -> None:
+    with pytest.raises(NotAvailableYetError) as info:
+        await open_control_plane(mode="k8s")
+    message = str(info.value)
+    assert message.startswith("mode 'k8s' is not available in this version")
+    assert "use mode: raft" in message
+
+
+@pytest.mark.anyio
+async def test_auto_outside_a_pod_is_raft(tmp_path: Path) -> None:
+    with anyio.fail_after(30):
+        config = Config(mode="auto")
+        cp = await open_control_plane(config, raft__data_dir=str(tmp_path), raft__listen_port=0)
+        try:
+            assert (await cp.health()).backend == "raft"
+        finally:
+            await cp.stop()
+
+
+@pytest.mark.anyio
+async def test_auto_inside_a_pod_says_what_it_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controlplane.factory.resolve_mode", lambda config: "k8s")
+    with pytest.raises(NotAvailableYetError, match="mode 'auto' chose 'k8s'"):
         await open_control_plane(Config())
 
 

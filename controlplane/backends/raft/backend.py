@@ -1,0 +1,302 @@
+"""The raft backend of ``ControlPlane`` for a process that is a Raft member.
+
+Writes are proposed to the Raft log and return once committed and applied on this member, so a
+read that follows sees them. ``get_cluster_state()`` reads this member's replica (it may lag
+the leader by a few entries on a follower); ``consistent=True`` goes through ReadIndex.
+
+The leader also runs the periodic duties: it keeps node heart-beats as soft state (members
+forward the heart-beats they receive to it), marks silent nodes DOWN and reaps expired locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ... import commands as c
+from ...codec import decode_command, decode_state, encode_command, encode_state
+from ...config import Config, Peer, RaftConfig
+from ...errors import ClosedError, InvalidRequestError, NotFoundError, OperationTimeoutError
+from ...liveness import Liveness
+from ...state import Outcome, StateMachine
+from ...types import BackendHealth, ClusterState, EventKind, NodeStatus
+from ...validation import check_name
+from ...watch import EventStream, WatchHub
+from ..base import CommandBackend
+from .node import NodeOptions, RaftNode
+from .records import ConfState
+from .storage import DiskStorage
+from .tls import client_context, server_context
+
+__all__ = ["ControlPlaneFsm", "RaftControlPlane", "free_port", "local_cluster_configs"]
+
+_log = logging.getLogger("controlplane.raft")
+_heartbeats = msgspec.msgpack.Decoder(list[str])
+
+
+class ControlPlaneFsm:
+    """The shared state machine as a Raft :class:`~.node.Fsm`, publishing events to a hub."""
+
+    def __init__(self, hub: WatchHub) -> None:
+        self.machine = StateMachine()
+        self.hub = hub
+
+    def apply(self, index: int, data: bytes) -> Outcome:
+        """Decode and apply one command; publish its events."""
+        try:
+            command = decode_command(data)
+        except InvalidRequestError as exc:  # cannot happen for entries we proposed ourselves
+            _log.error("entry %d is not a command: %s", index, exc)
+            return Outcome(self.machine.state.version, None, exc, ())
+        outcome = self.machine.apply(command)
+        if outcome.events:
+            self.hub.publish(outcome.version, outcome.events)
+        return outcome
+
+    def snapshot(self) -> Callable[[], bytes]:
+        """Capture the (immutable) state; serializing it may then run in a thread."""
+        state = self.machine.state
+        return lambda: encode_state(state)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a snapshot's; watchers behind it get ``CompactedError``."""
+        state = decode_state(data)
+        self.machine = StateMachine(state)
+        if state.version > self.hub.head:
+            self.hub.reset(state.version)
+
+
+class RaftControlPlane(CommandBackend):
+    """A Raft member serving the ``ControlPlane`` protocol in its own process.
+
+    With no peers configured it is a single-member cluster: the embedded default, with a data
+    directory and nothing else to run.
+    """
+
+    def __init__(self, config: Config | None = None, *, clock: Callable[[], float] | None = None):
+        super().__init__(clock)
+        self.config = config or Config(mode="raft")
+        self._hub = WatchHub(self.config.watch_retention)
+        self._fsm = ControlPlaneFsm(self._hub)
+        self._liveness = Liveness(self._clock())
+        self._node: RaftNode | None = None
+        self._duties: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def node(self) -> RaftNode:
+        """The Raft member (for operations: membership, leadership transfer, status)."""
+        if self._node is None:
+            raise ClosedError("the raft backend is not started")
+        return self._node
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the data directory (bootstrapping it if new) and join the cluster.
+
+        Returns without waiting for a leader; see :meth:`wait_ready`.
+        """
+        if self._stopped:
+            raise ClosedError("this RaftControlPlane was stopped; create a new one")
+        if self._node is not None:
+            return
+        raft = self.config.raft
+        storage = await asyncio.to_thread(_open_storage, raft)
+        tls = raft.tls
+        self._node = RaftNode(
+            raft.node_id,
+            raft.cluster_id,
+            storage,
+            self._fsm,
+            options=NodeOptions(
+                heartbeat_interval=raft.heartbeat_interval,
+                election_timeout=raft.election_timeout,
+                snapshot_entries=raft.snapshot_entries,
+                snapshot_bytes=raft.snapshot_bytes,
+            ),
+            host=raft.listen_host,
+            port=raft.listen_port,
+            peers={p.id: (p.host, p.port) for p in raft.peers if p.id != raft.node_id},
+            server_ssl=server_context(tls) if tls else None,
+            client_ssl=client_context(tls) if tls else None,
+            on_role_change=self._role_changed,
+            on_notice=self._heartbeats_received,
+        )
+        try:
+            await self._node.start()
+        except BaseException:
+            await self._node.stop(transfer=False)
+            raise
+        self._duties = asyncio.get_running_loop().create_task(
+            self._duties_loop(), name=f"raft-duties-{raft.node_id}"
+        )
+
+    async def wait_ready(self, within: float = 30.0) -> None:
+        """Wait until a leader is known and this member applied everything committed so far."""
+        node = self.node
+        try:
+            await node.read_index(within=within)
+        except OperationTimeoutError:
+            raise OperationTimeoutError(
+                f"member {node.id} found no leader within {within} s: is a quorum of the "
+                f"members {list(node.conf.voters)} running and reachable?"
+            ) from None
+
+    async def stop(self) -> None:
+        """Transfer leadership if leading, stop the member, end watches. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._duties is not None:
+            self._duties.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._duties
+        if self._node is not None:
+            await self._node.stop()
+        self._hub.close()
+
+    async def health(self) -> BackendHealth:
+        """Healthy while a leader is known and the member has not failed."""
+        node = self._node
+        if node is None or self._stopped:
+            return BackendHealth(healthy=False, backend="raft", detail="not running")
+        failure = node.failure
+        return BackendHealth(
+            healthy=failure is None and node.leader_id is not None,
+            backend="raft",
+            role=node.role,
+            leader=node.leader_id,
+            version=self._fsm.machine.state.version,
+            detail=(
+                f"member {node.id}, term {node.term}, commit {node.commit_index}, "
+                f"applied {node.applied_index}" + (f", failed: {failure}" if failure else "")
+            ),
+        )
+
+    # --- the CommandBackend primitives -----------------------------------------------------
+
+    async def _execute(self, command: c.Command) -> Any:
+        outcome: Outcome = await self.node.propose(encode_command(command))
+        return outcome.unwrap()
+
+    def _local_state(self) -> ClusterState:
+        return self._fsm.machine.state
+
+    async def _linearizable_state(self) -> ClusterState:
+        await self.node.read_index()
+        return self._fsm.machine.state
+
+    async def heartbeat(self, node_id: str) -> None:
+        """Forward the heart-beat to the leader; a DOWN node is brought back ACTIVE."""
+        check_name("node", node_id)
+        node = self._fsm.machine.state.nodes.get(node_id)
+        if node is None:
+            raise NotFoundError(f"node {node_id!r} is not registered; register it first")
+        self.node.notify_leader(msgspec.msgpack.encode([node_id]))
+        if node.status is NodeStatus.DOWN:
+            await self._run(
+                c.UpdateNodeStatus(node_id=node_id, status=NodeStatus.ACTIVE, time=self._stamp())
+            )
+
+    def watch(
+        self, since: int | None = None, kinds: Collection[EventKind] | None = None
+    ) -> EventStream:
+        """Events applied on this member with version > ``since``, in order, exactly once."""
+        return self._hub.watch(since, kinds)
+
+    # --- leader duties -----------------------------------------------------------------------
+
+    def _role_changed(self, leader: str | None, is_leader: bool) -> None:
+        if is_leader:
+            self._liveness.reset(self._clock())  # every node gets a full timeout
+        _log.info("member %s: leader is now %s", self.config.raft.node_id, leader)
+
+    def _heartbeats_received(self, payload: bytes) -> None:
+        now = self._clock()
+        for node_id in _heartbeats.decode(payload):
+            self._liveness.beat(node_id, now)
+
+    async def run_maintenance(self) -> None:
+        """On the leader: mark silent nodes DOWN and reap expired locks."""
+        node = self.node
+        if not node.is_leader:
+            return
+        now = self._clock()
+        state = self._fsm.machine.state
+        down = self._liveness.expired(state, now)
+        if down:
+            await self._run(c.MarkNodesDown(node_ids=tuple(down), time=now))
+        due = self._fsm.machine.next_lock_expiry()
+        if due is not None and due <= now:
+            await self._run(c.ExpireLocks(time=now))
+
+    async def _duties_loop(self) -> None:
+        while True:
+            timeout = self._fsm.machine.state.config.node_timeout
+            await asyncio.sleep(min(0.5, timeout / 4))
+            try:
+                await self.run_maintenance()
+            except ClosedError:
+                return
+            except Exception as exc:  # the next round retries
+                _log.warning("periodic duties failed: %s", exc)
+
+
+def _open_storage(raft: RaftConfig) -> DiskStorage:
+    path = Path(raft.data_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    storage = DiskStorage(path, sync=raft.fsync)
+    try:
+        if storage.identity() is None:
+            if raft.bootstrap:
+                voters = tuple(sorted({p.id for p in raft.peers} | {raft.node_id}))
+                storage.write_identity(raft.cluster_id, raft.node_id, ConfState(voters=voters))
+            else:
+                storage.write_identity(raft.cluster_id, raft.node_id, None)
+        else:
+            storage.check_identity(raft.cluster_id, raft.node_id)
+    except BaseException:
+        storage.close()
+        raise
+    return storage
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (for tests and local clusters)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def local_cluster_configs(
+    base_dir: str | os.PathLike[str], members: int = 3, **raft: Any
+) -> list[Config]:
+    """Configurations of a cluster of ``members`` on 127.0.0.1 with free ports (tests, demos)."""
+    ids = [f"cp-{i + 1}" for i in range(members)]
+    ports = {i: (free_port(), free_port(), free_port()) for i in ids}
+    peers = tuple(Peer(id=i, address=f"127.0.0.1:{ports[i][0]}") for i in ids)
+    return [
+        Config(
+            mode="raft",
+            raft=RaftConfig(
+                node_id=i,
+                data_dir=str(Path(base_dir) / i),
+                listen_port=ports[i][0],
+                client_port=ports[i][1],
+                http_port=ports[i][2],
+                peers=peers,
+                **raft,
+            ),
+        )
+        for i in ids
+    ]

@@ -1,0 +1,1033 @@
+"""The Raft algorithm as a deterministic state machine: no I/O, no clock, no asyncio.
+
+:class:`RaftCore` has a few inputs — :meth:`~RaftCore.tick` (one unit of logical time; the
+driver decides how long it is), :meth:`~RaftCore.step` (a message from a peer), proposals,
+reads and membership changes — and one output, :class:`Ready`: a batch of work for the driver.
+The driver loop is::
+
+    while True:
+        feed ticks, received messages and client requests into the core
+        if core.has_ready():
+            rd = core.ready()
+            install rd.snapshot (if any), append rd.entries, save rd.hard_state; sync
+            send rd.messages
+            apply rd.committed_entries; answer rd.read_states once applied >= their index
+            core.advance(rd)
+
+Design decisions worth knowing:
+
+- Every message leaves the core only through a Ready, and every Ready's messages are sent
+  after that Ready's (and every earlier Ready's) state is durable. So a vote, an
+  acknowledgement or an entry sent to followers is never based on something a crash can take
+  back. Only one Ready is outstanding at a time; the core may be stepped and ticked between
+  :meth:`~RaftCore.ready` and :meth:`~RaftCore.advance` (for example while a thread syncs).
+- ``committed_entries`` only contains entries that are durable here, so they may be applied
+  while the next entries are being written.
+- A leader counts itself towards a quorum only for entries it has persisted.
+- Membership: a ``CONF_CHANGE`` entry carries the complete new :class:`ConfState`, and a
+  member uses the latest configuration in its log from the moment the entry is *appended*,
+  committed or not (Raft thesis §4.1). Should the entry be truncated, the member reverts to the
+  previous one. Changes go one member at a time, and a leader refuses a new change until it has
+  committed an entry of its own term and the previous change is committed — the fix for the
+  single-server change bug described on the raft-dev list in 2015.
+- Pre-vote (thesis §9.6), check-quorum and a leader lease on votes (§4.2.3) keep a partitioned
+  or removed member from disrupting a healthy cluster.
+
+Not provided: joint consensus (changes of more than one voter at a time), and a Ready's
+messages are never sent before its entries are durable (thesis §10.2.1 allows it for a leader).
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections import deque
+from collections.abc import Sequence
+
+import msgspec
+
+from controlplane.backends.raft.messages import (
+    Append,
+    AppendResponse,
+    Heartbeat,
+    HeartbeatResponse,
+    InstallSnapshot,
+    Message,
+    ReadIndexRequest,
+    ReadIndexResponse,
+    TimeoutNow,
+    VoteRequest,
+    VoteResponse,
+)
+from controlplane.backends.raft.progress import (
+    Progress,
+    ProgressState,
+    ProgressTracker,
+    VoteResult,
+    decode_conf_state,
+    encode_conf_state,
+)
+from controlplane.backends.raft.raftlog import (
+    ENTRY_OVERHEAD,
+    CompactedError,
+    RaftError,
+    RaftLog,
+    Storage,
+    StorageError,
+    UnavailableError,
+)
+from controlplane.backends.raft.records import (
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    SnapshotMeta,
+)
+
+__all__ = (
+    "Busy",
+    "CompactedError",
+    "ConfChangeInProgress",
+    "ConfChangeType",
+    "CoreConfig",
+    "InvalidRequest",
+    "LeadershipTransferInProgress",
+    "LearnerNotCaughtUp",
+    "NotLeader",
+    "RaftCore",
+    "RaftError",
+    "ReadState",
+    "Ready",
+    "Role",
+    "SoftState",
+    "Storage",
+    "StorageError",
+    "UnavailableError",
+    "UncommittedLimitExceeded",
+    "decode_conf_state",
+    "encode_conf_state",
+)
+
+
+class NotLeader(RaftError):
+    """Raised when a request needs the leader and this member is not it; retry at ``leader``
+    (``None`` while no leader is known)."""
+
+    def __init__(self, leader: str | None) -> None:
+        self.leader = leader
+        where = f"the leader is {leader}" if leader else "no leader is known yet"
+        super().__init__(f"not the leader ({where}); retry there")
+
+
+class Busy(RaftError):
+    """Raised when the leader cannot take the request right now; retry after a short while."""
+
+
+class LeadershipTransferInProgress(Busy):
+    """Raised for proposals while leadership is being handed to another member."""
+
+
+class UncommittedLimitExceeded(Busy):
+    """Raised when the leader's uncommitted entries would exceed ``max_uncommitted_entries_size``
+    (typically because it cannot reach a quorum)."""
+
+
+class ConfChangeInProgress(Busy):
+    """Raised when a membership change is refused until an earlier entry commits."""
+
+
+class LearnerNotCaughtUp(Busy):
+    """Raised when promoting a learner that does not yet hold every committed entry."""
+
+
+class InvalidRequest(RaftError):
+    """Raised for a request that cannot succeed as given (a caller bug)."""
+
+
+class Role(enum.Enum):
+    FOLLOWER = "follower"
+    PRE_CANDIDATE = "pre-candidate"
+    CANDIDATE = "candidate"
+    LEADER = "leader"
+
+
+class ConfChangeType(enum.Enum):
+    ADD_VOTER = "add-voter"
+    """Add a voter; for a current learner this is a promotion (see ``PROMOTE_LEARNER``)."""
+    ADD_LEARNER = "add-learner"
+    PROMOTE_LEARNER = "promote-learner"
+    """Make a learner a voter; refused until it holds every committed entry."""
+    REMOVE = "remove"
+
+
+class CoreConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Tuning of the core. Times are in ticks; sizes in bytes of entry data plus
+    ``ENTRY_OVERHEAD`` per entry."""
+
+    election_tick: int = 10
+    """Followers campaign after a random timeout in ``[election_tick, 2*election_tick)``."""
+    heartbeat_tick: int = 1
+    pre_vote: bool = True
+    check_quorum: bool = True
+    """A leader steps down unless a quorum answered within each election timeout; members
+    ignore vote requests while they heard from a leader within the election timeout."""
+    max_size_per_msg: int = 1 << 20
+    max_inflight_msgs: int = 256
+    """Appends in flight to one member in REPLICATE state."""
+    max_inflight_bytes: int = 0
+    """Bytes in flight to one member (0: unlimited)."""
+    max_uncommitted_entries_size: int = 64 << 20
+    """Proposals beyond this many uncommitted bytes are refused (0: unlimited)."""
+    max_committed_size_per_ready: int = 16 << 20
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_tick < 1:
+            raise ValueError("heartbeat_tick must be at least 1")
+        if self.election_tick <= self.heartbeat_tick:
+            raise ValueError("election_tick must be greater than heartbeat_tick")
+        if self.max_inflight_msgs < 1:
+            raise ValueError("max_inflight_msgs must be at least 1")
+        if self.max_size_per_msg < 1 or self.max_committed_size_per_ready < 1:
+            raise ValueError("message and batch sizes must be positive")
+
+
+class SoftState(msgspec.Struct, frozen=True):
+    """Volatile state, reported in a Ready when it changes; never persisted."""
+
+    lead: str | None
+    role: Role
+    term: int
+
+
+class ReadState(msgspec.Struct, frozen=True):
+    """A confirmed ReadIndex read: serve ``ctx`` once the state machine applied ``index``."""
+
+    ctx: bytes
+    index: int
+
+
+class Ready:
+    """A batch of work for the driver. Its duties, in order:
+
+    1. ``snapshot``: if set, install the snapshot data the leader streamed into the state
+       machine and replace the log with it in storage (``MemoryStorage.apply_snapshot``).
+    2. ``entries``: append them to storage, replacing any stored entries at and after
+       ``entries[0].index``; save ``hard_state`` if set; then sync (``must_sync`` says whether
+       anything needs an fsync at all).
+    3. ``messages``: send them only after steps 1-2 are durable. An ``InstallSnapshot`` is an
+       order to stream the snapshot named by its ``meta`` (or a newer one) to ``dst``, then
+       deliver the message; report the outcome with ``RaftCore.report_snapshot``.
+    4. ``committed_entries``: apply them in order. They are already durable here, so this
+       may overlap with steps 2-3 of the same Ready.
+    5. ``read_states``: answer each read once the applied index reaches its ``index``.
+    6. Call ``RaftCore.advance(ready)``.
+    """
+
+    __slots__ = (
+        "committed_entries",
+        "entries",
+        "hard_state",
+        "messages",
+        "must_sync",
+        "read_states",
+        "snapshot",
+        "soft_state",
+    )
+
+    def __init__(
+        self,
+        *,
+        soft_state: SoftState | None,
+        hard_state: HardState | None,
+        snapshot: SnapshotMeta | None,
+        entries: list[Entry],
+        committed_entries: list[Entry],
+        messages: list[Message],
+        read_states: list[ReadState],
+        must_sync: bool,
+    ) -> None:
+        self.soft_state = soft_state
+        """Leader, role and term, when any of them changed since the last Ready."""
+        self.hard_state = hard_state
+        """Term, vote and commit index, when changed; persist before sending ``messages``."""
+        self.snapshot = snapshot
+        """A snapshot from the leader to install before anything else."""
+        self.entries = entries
+        """Entries to persist before sending ``messages``."""
+        self.committed_entries = committed_entries
+        """Committed, locally durable entries to apply, in order."""
+        self.messages = messages
+        """Messages to send once this Ready's state is durable."""
+        self.read_states = read_states
+        """Linearizable reads confirmed by the leader."""
+        self.must_sync = must_sync
+        """Whether entries, a snapshot, the term or the vote changed (a bare commit-index
+        change may be written lazily)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"Ready(soft={self.soft_state}, hard={self.hard_state}, snapshot={self.snapshot}, "
+            f"entries={len(self.entries)}, committed={len(self.committed_entries)}, "
+            f"messages={len(self.messages)}, reads={len(self.read_states)})"
+        )
+
+
+class RaftCore:
+    """One member's Raft state machine. See the module docstring for the driver contract.
+
+    Read-only attributes for drivers and tests: ``id``, ``term``, ``vote``, ``lead`` (the known
+    leader or ``None``), ``role``, ``conf`` (the configuration in use), ``log`` (a
+    :class:`RaftLog`: ``committed``, ``applied``, ``last_index()``...) and ``tracker`` (on a
+    leader, each member's :class:`Progress`).
+
+    ``applied`` tells a restarted core how far the driver's state machine already is (entries
+    after the last snapshot that it applied durably); committed entries resume after it.
+    """
+
+    def __init__(
+        self,
+        id: str,
+        storage: Storage,
+        config: CoreConfig,
+        rng: random.Random,
+        *,
+        applied: int = 0,
+    ) -> None:
+        self.id = id
+        self.cfg = config
+        self._rng = rng
+        self.log = log = RaftLog(storage)
+        hs, conf = storage.initial_state()
+        first = log.first_index()
+        # A torn write may have kept the hard state but lost the entries it covered.
+        log.committed = max(first - 1, min(hs.commit, log.last_index()))
+        log.applied = max(first - 1, min(applied, log.committed))
+        self.term = hs.term
+        self.vote = hs.vote
+        self.lead: str | None = None
+        self.role = Role.FOLLOWER
+        self.tracker = ProgressTracker(config.max_inflight_msgs, config.max_inflight_bytes)
+        self._conf_base = (first - 1, conf)
+        self._confs: list[tuple[int, ConfState]] = self._scan_confs(first, log.last_index())
+        self.conf = self._confs[-1][1] if self._confs else conf
+        self.tracker.set_conf(self.conf, log.last_index() + 1, keep_removed=False)
+        self.msgs: list[Message] = []
+        self.read_states: list[ReadState] = []
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        self._randomized_timeout = config.election_tick
+        self.lead_transferee: str | None = None
+        self._uncommitted: deque[tuple[int, int]] = deque()
+        self._uncommitted_size = 0
+        self._read_seq = 0
+        self._read_acks: dict[str, int] = {}
+        self._reads: deque[tuple[int, int, bytes, str]] = deque()
+        self._pending_reads: list[tuple[bytes, str]] = []
+        self._read_round_due = False
+        self._needs_flush = False
+        self._outstanding = False
+        self._become_follower(self.term, None)
+        self._prev_hs = HardState(self.term, self.vote, log.committed)
+        self._prev_ss = SoftState(None, Role.FOLLOWER, self.term)
+
+    def __repr__(self) -> str:
+        return (
+            f"RaftCore({self.id!r}, {self.role.value}, term={self.term}, lead={self.lead}, "
+            f"last={self.log.last_index()}, commit={self.log.committed}, "
+            f"applied={self.log.applied})"
+        )
+
+    # -- inputs ------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Advance logical time by one tick."""
+        if self.role is Role.LEADER:
+            self._tick_leader()
+            return
+        self.election_elapsed += 1
+        if self.election_elapsed >= self._randomized_timeout and self._promotable():
+            self.election_elapsed = 0
+            self._campaign(pre=self.cfg.pre_vote, transfer=False)
+
+    def campaign(self) -> None:
+        """Start an election now (with a pre-vote round if configured): for tests and
+        bootstrap. Raises :class:`InvalidRequest` if this member is not a voter."""
+        if self.role is Role.LEADER:
+            return
+        if not self._promotable():
+            raise InvalidRequest(f"{self.id} is not a voter of {self.conf}; it cannot campaign")
+        self._campaign(pre=self.cfg.pre_vote, transfer=False)
+
+    def propose(self, data: bytes) -> int:
+        """Append ``data`` to the log as the leader; returns its index. The entry is committed
+        once it shows up in ``committed_entries`` with this index *and this term*.
+
+        Raises :class:`NotLeader`, :class:`LeadershipTransferInProgress` or
+        :class:`UncommittedLimitExceeded`.
+        """
+        self._check_proposable()
+        size = len(data) + ENTRY_OVERHEAD
+        limit = self.cfg.max_uncommitted_entries_size
+        if limit and self._uncommitted_size and self._uncommitted_size + size > limit:
+            raise UncommittedLimitExceeded(
+                f"{self._uncommitted_size} bytes are uncommitted (limit {limit}); the leader "
+                "may have lost its quorum, retry later"
+            )
+        log = self.log
+        index = log.last_index() + 1
+        log.append_one(Entry(index, self.term, EntryType.NORMAL, data))
+        self._uncommitted.append((index, size))
+        self._uncommitted_size += size
+        self._needs_flush = True
+        return index
+
+    def propose_conf_change(self, change: ConfChangeType, member: str) -> int:
+        """Propose a membership change of one member; returns the entry's index. The new
+        configuration is in force as soon as the entry is appended.
+
+        Raises :class:`NotLeader`, :class:`Busy` subclasses (an earlier change or the leader's
+        first entry is not committed yet; a learner is not caught up) or
+        :class:`InvalidRequest` (the change makes no sense for the current configuration).
+        """
+        self._check_proposable()
+        log = self.log
+        voters, learners = set(self.conf.voters), set(self.conf.learners)
+        if change is ConfChangeType.ADD_VOTER and member in learners:
+            change = ConfChangeType.PROMOTE_LEARNER
+        if change is ConfChangeType.ADD_VOTER:
+            if member in voters:
+                raise InvalidRequest(f"{member} is already a voter")
+            voters.add(member)
+        elif change is ConfChangeType.ADD_LEARNER:
+            if member in voters or member in learners:
+                raise InvalidRequest(f"{member} is already a member")
+            learners.add(member)
+        elif change is ConfChangeType.PROMOTE_LEARNER:
+            if member not in learners:
+                raise InvalidRequest(f"{member} is not a learner")
+            learners.discard(member)
+            voters.add(member)
+        else:
+            if member not in voters and member not in learners:
+                raise InvalidRequest(f"{member} is not a member")
+            if voters == {member}:
+                raise InvalidRequest(f"{member} is the last voter; it cannot be removed")
+            voters.discard(member)
+            learners.discard(member)
+        if not self._committed_in_term():
+            raise ConfChangeInProgress("the leader has not committed an entry of its term yet")
+        if self._conf_index() > log.committed:
+            raise ConfChangeInProgress("the previous membership change is not committed yet")
+        if change is ConfChangeType.PROMOTE_LEARNER:
+            pr = self.tracker.progress.get(member)
+            match = pr.match if pr is not None else 0
+            if match < log.committed:
+                raise LearnerNotCaughtUp(
+                    f"learner {member} holds entries up to {match}, the commit index is "
+                    f"{log.committed}; retry once it has caught up"
+                )
+        conf = ConfState(tuple(sorted(voters)), tuple(sorted(learners)))
+        index = log.last_index() + 1
+        self._append((Entry(index, self.term, EntryType.CONF_CHANGE, encode_conf_state(conf)),))
+        self._needs_flush = True
+        return index
+
+    def read_index(self, ctx: bytes) -> None:
+        """Start a linearizable read identified by ``ctx``. Once the leader confirmed it still
+        leads (a quorum answered a heartbeat sent after the request, and it has committed an
+        entry of its term) a :class:`ReadState` with ``ctx`` shows up in a Ready.
+
+        A follower forwards the request to the leader. A read may be dropped silently when the
+        leadership changes; the driver times it out and retries. Raises :class:`NotLeader`
+        when no leader is known.
+        """
+        if self.role is Role.LEADER:
+            self._leader_read(ctx, self.id)
+        elif self.lead is not None:
+            self.msgs.append(ReadIndexRequest(self.term, self.id, self.lead, ctx))
+        else:
+            raise NotLeader(None)
+
+    def transfer_leadership(self, to: str) -> None:
+        """Hand leadership to voter ``to``: proposals are refused meanwhile, ``to`` is caught
+        up, then told to campaign at once. Abandoned after an election timeout. Transferring
+        to oneself cancels a transfer."""
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if to == self.id:
+            self.lead_transferee = None
+            return
+        if to not in self.tracker.voter_set:
+            raise InvalidRequest(f"{to} is not a voter; leadership can only go to a voter")
+        if self.lead_transferee == to:
+            return
+        self.lead_transferee = to
+        self.election_elapsed = 0
+        pr = self.tracker.progress[to]
+        if pr.match == self.log.last_index():
+            self.msgs.append(TimeoutNow(self.term, self.id, to))
+        else:
+            pr.want_send = True
+            self._needs_flush = True
+
+    def compact(self, index: int) -> SnapshotMeta:
+        """The application took a snapshot of its state machine at ``index`` (at most the
+        applied index). Returns the metadata to store with it. Once the snapshot is durable
+        the driver may drop log entries up to ``index`` from storage (a leader usually keeps
+        some, so that slightly lagging members need no snapshot)."""
+        log = self.log
+        if index > log.applied:
+            raise InvalidRequest(f"cannot snapshot at {index}: only {log.applied} is applied")
+        base_index, conf = self._conf_base
+        if index < base_index:
+            raise CompactedError(f"index {index} is before the last snapshot ({base_index})")
+        term = log.term(index)
+        confs = self._confs
+        keep = 0
+        while keep < len(confs) and confs[keep][0] <= index:
+            conf = confs[keep][1]
+            keep += 1
+        del confs[:keep]
+        self._conf_base = (index, conf)
+        return SnapshotMeta(index, term, conf)
+
+    def report_snapshot(self, to: str, *, success: bool) -> None:
+        """The driver finished (or gave up) streaming a snapshot to ``to``."""
+        pr = self.tracker.progress.get(to)
+        if self.role is not Role.LEADER or pr is None or pr.state is not ProgressState.SNAPSHOT:
+            return
+        if not success:
+            pr.pending_snapshot = 0
+        pr.become_probe()
+        # Wait for the member's answer (or the next heartbeat answer) before probing.
+        pr.probe_sent = True
+
+    def report_unreachable(self, to: str) -> None:
+        """The transport could not deliver to ``to``: stop pipelining, probe instead."""
+        pr = self.tracker.progress.get(to)
+        if self.role is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
+            pr.become_probe()
+
+    def step(self, msg: Message) -> None:
+        """Process one message from a peer. Stale, duplicated and reordered messages are
+        handled (ignored or answered harmlessly)."""
+        if msg.dst != self.id:
+            return
+        if msg.term > self.term:
+            if isinstance(msg, VoteRequest):
+                if not msg.transfer and self._in_lease():
+                    return  # leader lease: we heard from a live leader recently
+                if not msg.pre:
+                    self._become_follower(msg.term, None)
+            elif isinstance(msg, VoteResponse) and msg.pre and msg.granted:
+                pass  # a granted pre-vote echoes the term we would campaign in
+            elif isinstance(msg, (Append, Heartbeat, InstallSnapshot)):
+                self._become_follower(msg.term, msg.src)
+            else:
+                self._become_follower(msg.term, None)
+        elif msg.term < self.term:
+            if isinstance(msg, (Append, Heartbeat)):
+                # A deposed leader (or one on the wrong side of a healed partition) learns the
+                # new term from the answer and steps down.
+                self.msgs.append(AppendResponse(self.term, self.id, msg.src, 0, True))
+            elif isinstance(msg, VoteRequest) and msg.pre:
+                self.msgs.append(VoteResponse(self.term, self.id, msg.src, False, True))
+            return
+        if isinstance(msg, VoteRequest):
+            self._handle_vote_request(msg)
+        elif self.role is Role.LEADER:
+            self._step_leader(msg)
+        elif self.role is Role.FOLLOWER:
+            self._step_follower(msg)
+        else:
+            self._step_candidate(msg)
+
+    # -- output ------------------------------------------------------------------------------------
+
+    def has_ready(self) -> bool:
+        """Whether :meth:`ready` has work (always False while a Ready is outstanding)."""
+        if self._outstanding:
+            return False
+        if self._needs_flush:
+            self._flush()
+        log = self.log
+        prev = self._prev_hs
+        ss = self._prev_ss
+        return bool(
+            self.msgs
+            or self.read_states
+            or log.has_unpersisted()
+            or log.has_next_committed()
+            or self.term != prev.term
+            or self.vote != prev.vote
+            or log.committed != prev.commit
+            or self.lead != ss.lead
+            or self.role is not ss.role
+        )
+
+    def ready(self) -> Ready:
+        """Take the pending work (see :class:`Ready`); call :meth:`advance` when done."""
+        if self._outstanding:
+            raise RuntimeError("advance() the previous Ready before asking for another")
+        if self._needs_flush:
+            self._flush()
+        log = self.log
+        snapshot, entries = log.take_unpersisted()
+        committed = log.next_committed(self.cfg.max_committed_size_per_ready)
+        prev = self._prev_hs
+        hard = None
+        must_sync = bool(entries) or snapshot is not None
+        if self.term != prev.term or self.vote != prev.vote or log.committed != prev.commit:
+            must_sync = must_sync or self.term != prev.term or self.vote != prev.vote
+            hard = self._prev_hs = HardState(self.term, self.vote, log.committed)
+        soft = None
+        ss = self._prev_ss
+        if self.lead != ss.lead or self.role is not ss.role or self.term != ss.term:
+            soft = self._prev_ss = SoftState(self.lead, self.role, self.term)
+        rd = Ready(
+            soft_state=soft,
+            hard_state=hard,
+            snapshot=snapshot,
+            entries=entries,
+            committed_entries=committed,
+            messages=self.msgs,
+            read_states=self.read_states,
+            must_sync=must_sync,
+        )
+        self.msgs = []
+        self.read_states = []
+        self._outstanding = True
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        """The driver has done everything ``rd`` asked for."""
+        if not self._outstanding:
+            raise RuntimeError("advance() called without an outstanding Ready")
+        self._outstanding = False
+        log = self.log
+        if rd.snapshot is not None:
+            log.stable_snapshot(rd.snapshot.index)
+        if rd.entries:
+            last = rd.entries[-1]
+            log.stable_to(last.index, last.term)
+        if rd.committed_entries:
+            log.applied_to(rd.committed_entries[-1].index)
+        if self.role is Role.LEADER:
+            pr = self.tracker.progress.get(self.id)
+            if pr is not None and pr.maybe_update(log.persisted):
+                self._maybe_commit()
+
+    # -- roles -------------------------------------------------------------------------------------
+
+    def _reset(self, term: int) -> None:
+        if term != self.term:
+            self.term = term
+            self.vote = None
+        self.lead = None
+        self.election_elapsed = 0
+        self.heartbeat_elapsed = 0
+        election = self.cfg.election_tick
+        self._randomized_timeout = election + self._rng.randrange(election)
+        self.lead_transferee = None
+        self.tracker.votes.clear()
+        self._uncommitted.clear()
+        self._uncommitted_size = 0
+        self._reads.clear()
+        self._pending_reads.clear()
+        self._read_acks.clear()
+        self._read_round_due = False
+
+    def _become_follower(self, term: int, lead: str | None) -> None:
+        self._reset(term)
+        self.lead = lead
+        self.role = Role.FOLLOWER
+        self.tracker.prune()
+
+    def _become_leader(self) -> None:
+        self._reset(self.term)
+        self.role = Role.LEADER
+        self.lead = self.id
+        log = self.log
+        self.tracker.reset_progress(log.last_index() + 1, self.id, log.persisted)
+        # The no-op lets the new leader commit (and so learn the commit index) at once (§8).
+        log.append_one(Entry(log.last_index() + 1, self.term))
+        self._needs_flush = True
+
+    def _campaign(self, *, pre: bool, transfer: bool) -> None:
+        if pre:
+            self.role = Role.PRE_CANDIDATE
+            self.lead = None
+            self.tracker.votes.clear()
+            term = self.term + 1
+        else:
+            self._reset(self.term + 1)
+            self.role = Role.CANDIDATE
+            self.vote = self.id
+            term = self.term
+        self.tracker.record_vote(self.id, True)
+        if self._count_votes(pre):
+            return
+        log = self.log
+        last_index, last_term = log.last_index(), log.last_term()
+        for voter in self.tracker.voters:
+            if voter != self.id:
+                self.msgs.append(
+                    VoteRequest(term, self.id, voter, last_index, last_term, pre, transfer)
+                )
+
+    def _count_votes(self, pre: bool) -> bool:
+        result = self.tracker.tally()
+        if result is VoteResult.WON:
+            if pre:
+                self._campaign(pre=False, transfer=False)
+            else:
+                self._become_leader()
+            return True
+        if result is VoteResult.LOST:
+            self._become_follower(self.term, None)
+            return True
+        return False
+
+    def _promotable(self) -> bool:
+        return self.id in self.tracker.voter_set and self.log.snapshot is None
+
+    def _in_lease(self) -> bool:
+        return (
+            self.cfg.check_quorum
+            and self.lead is not None
+            and self.election_elapsed < self.cfg.election_tick
+        )
+
+    def _tick_leader(self) -> None:
+        self.heartbeat_elapsed += 1
+        self.election_elapsed += 1
+        if self.election_elapsed >= self.cfg.election_tick:
+            self.election_elapsed = 0
+            if self.cfg.check_quorum and not self.tracker.quorum_active(self.id):
+                self._become_follower(self.term, None)
+                return
+            self.lead_transferee = None  # a transfer gets one election timeout
+        if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
+            self.heartbeat_elapsed = 0
+            self._bcast_heartbeat()
+
+    # -- handling messages -------------------------------------------------------------------------
+
+    def _handle_vote_request(self, msg: VoteRequest) -> None:
+        can_vote = (
+            self.vote == msg.src
+            or (self.vote is None and self.lead is None)
+            or (msg.pre and msg.term > self.term)
+        )
+        if can_vote and self.log.is_up_to_date(msg.last_index, msg.last_term):
+            self.msgs.append(VoteResponse(msg.term, self.id, msg.src, True, msg.pre))
+            if not msg.pre:
+                self.election_elapsed = 0
+                self.vote = msg.src
+        else:
+            self.msgs.append(VoteResponse(self.term, self.id, msg.src, False, msg.pre))
+
+    def _step_follower(self, msg: Message) -> None:
+        if isinstance(msg, Append):
+            self.election_elapsed = 0
+            self.lead = msg.src
+            self._handle_append(msg)
+        elif isinstance(msg, Heartbeat):
+            self.election_elapsed = 0
+            self.lead = msg.src
+            log = self.log
+            log.commit_to(min(msg.commit, log.last_index()))
+            self.msgs.append(HeartbeatResponse(self.term, self.id, msg.src, msg.read_seq))
+        elif isinstance(msg, InstallSnapshot):
+            self.election_elapsed = 0
+            self.lead = msg.src
+            self._handle_snapshot(msg)
+        elif isinstance(msg, TimeoutNow):
+            if self._promotable():
+                self._campaign(pre=False, transfer=True)
+        elif isinstance(msg, ReadIndexResponse):
+            self.read_states.append(ReadState(msg.ctx, msg.index))
+
+    def _step_candidate(self, msg: Message) -> None:
+        if isinstance(msg, (Append, Heartbeat, InstallSnapshot)):
+            self._become_follower(self.term, msg.src)
+            self._step_follower(msg)
+        elif isinstance(msg, VoteResponse):
+            pre = self.role is Role.PRE_CANDIDATE
+            if msg.pre == pre:
+                self.tracker.record_vote(msg.src, msg.granted)
+                self._count_votes(pre)
+
+    def _handle_append(self, msg: Append) -> None:
+        log = self.log
+        prev_index, prev_term, entries = msg.prev_index, msg.prev_term, msg.entries
+        committed = log.committed
+        if prev_index < committed:
+            # Stale or reordered: what is committed here is known to match the leader's log,
+            # so only the part after it can be new.
+            skip = committed - prev_index
+            if skip >= len(entries):
+                self.msgs.append(AppendResponse(self.term, self.id, msg.src, committed))
+                return
+            prev_index, prev_term = committed, entries[skip - 1].term
+            entries = entries[skip:]
+        if log.match_term(prev_index, prev_term):
+            last_new = prev_index + len(entries)
+            conflict = log.find_conflict(entries)
+            if conflict:
+                if conflict <= log.committed:
+                    raise AssertionError(f"entry {conflict} conflicts with a committed entry")
+                self._append(entries[conflict - prev_index - 1 :])
+            log.commit_to(min(msg.commit, last_new))
+            self.msgs.append(AppendResponse(self.term, self.id, msg.src, last_new))
+            return
+        hint_index, hint_term = log.find_conflict_by_term(
+            min(prev_index, log.last_index()), prev_term
+        )
+        self.msgs.append(
+            AppendResponse(self.term, self.id, msg.src, msg.prev_index, True, hint_index, hint_term)
+        )
+
+    def _handle_snapshot(self, msg: InstallSnapshot) -> None:
+        log = self.log
+        meta = msg.meta
+        if meta.index <= log.committed:
+            index = log.committed
+        elif log.match_term(meta.index, meta.term):
+            # Our log already holds the snapshot's entries: keep it, just commit them.
+            log.commit_to(meta.index)
+            index = meta.index
+        else:
+            log.restore(meta)
+            self._conf_base = (meta.index, meta.conf)
+            self._confs.clear()
+            self._set_conf(meta.conf)
+            index = meta.index
+        self.msgs.append(AppendResponse(self.term, self.id, msg.src, index))
+
+    def _step_leader(self, msg: Message) -> None:
+        if isinstance(msg, AppendResponse):
+            self._handle_append_response(msg)
+        elif isinstance(msg, HeartbeatResponse):
+            pr = self.tracker.progress.get(msg.src)
+            if pr is None:
+                return
+            pr.recent_active = True
+            pr.probe_sent = False
+            if pr.state is ProgressState.REPLICATE and pr.inflights.full():
+                pr.inflights.free_first_one()  # a lost Append must not stall the pipeline
+            if pr.match < self.log.last_index():
+                pr.want_send = True
+            self._needs_flush = True
+            if msg.read_seq and self._reads:
+                acks = self._read_acks
+                if msg.read_seq > acks.get(msg.src, 0):
+                    acks[msg.src] = msg.read_seq
+                    self._release_reads()
+        elif isinstance(msg, ReadIndexRequest):
+            self._leader_read(msg.ctx, msg.src)
+
+    def _handle_append_response(self, msg: AppendResponse) -> None:
+        pr = self.tracker.progress.get(msg.src)
+        if pr is None:
+            return
+        pr.recent_active = True
+        self._needs_flush = True
+        if msg.reject:
+            hint_next = msg.index
+            if pr.state is ProgressState.PROBE:
+                hint_next = self.log.find_conflict_by_term(msg.hint_index, msg.hint_term)[0] + 1
+            if pr.maybe_decr_to(msg.index, hint_next) and pr.state is ProgressState.REPLICATE:
+                pr.become_probe()
+            return
+        if not pr.maybe_update(msg.index):
+            return
+        if pr.state is ProgressState.PROBE:
+            pr.become_replicate()
+        elif pr.state is ProgressState.SNAPSHOT:
+            if pr.match >= pr.pending_snapshot:
+                pr.become_replicate()
+        else:
+            pr.inflights.free_le(msg.index)
+        self._maybe_commit()
+        if msg.src == self.lead_transferee and pr.match == self.log.last_index():
+            self.msgs.append(TimeoutNow(self.term, self.id, msg.src))
+
+    # -- leader machinery --------------------------------------------------------------------------
+
+    def _check_proposable(self) -> None:
+        if self.role is not Role.LEADER:
+            raise NotLeader(self.lead)
+        if self.lead_transferee is not None:
+            raise LeadershipTransferInProgress(
+                f"leadership is moving to {self.lead_transferee}; retry there shortly"
+            )
+
+    def _committed_in_term(self) -> bool:
+        log = self.log
+        return log.term(log.committed) == self.term
+
+    def _maybe_commit(self) -> None:
+        log = self.log
+        index = self.tracker.committed_index()
+        # Figure 8: only an entry of the current term is committed by counting replicas.
+        if index <= log.committed or log.term(index) != self.term:
+            return
+        first_in_term = log.term(log.committed) != self.term
+        log.commit_to(index)
+        self._needs_flush = True
+        uncommitted = self._uncommitted
+        while uncommitted and uncommitted[0][0] <= index:
+            self._uncommitted_size -= uncommitted.popleft()[1]
+        if first_in_term and self._pending_reads:
+            pending, self._pending_reads = self._pending_reads, []
+            for ctx, origin in pending:
+                self._leader_read(ctx, origin)
+        if index >= self._conf_index():
+            self.tracker.prune()
+            if self.id not in self.tracker.voter_set:
+                self._step_down_removed()
+
+    def _step_down_removed(self) -> None:
+        """This leader's removal committed: let the most up-to-date voter take over at once
+        instead of waiting for an election timeout."""
+        progress = self.tracker.progress
+        last = self.log.last_index()
+        for voter in self.tracker.voters:
+            pr = progress.get(voter)
+            if pr is not None and pr.match == last:
+                self.msgs.append(TimeoutNow(self.term, self.id, voter))
+                break
+        self._become_follower(self.term, None)
+
+    def _flush(self) -> None:
+        """Send what each member is missing (batched: proposals only set a flag)."""
+        self._needs_flush = False
+        if self.role is not Role.LEADER:
+            return
+        if self._read_round_due:
+            self._bcast_heartbeat()
+        last = self.log.last_index()
+        committed = self.log.committed
+        for member, pr in self.tracker.progress.items():
+            if member == self.id:
+                continue
+            want_empty = pr.want_send or pr.sent_commit < min(committed, pr.next - 1)
+            pr.want_send = False
+            self._send_append(member, pr, last, want_empty)
+
+    def _send_append(self, to: str, pr: Progress, last: int, want_empty: bool) -> None:
+        log = self.log
+        max_size = self.cfg.max_size_per_msg
+        while not pr.is_paused():
+            next_index = pr.next
+            if next_index > last and not want_empty:
+                return
+            try:
+                prev_term = log.term(next_index - 1)
+                entries = log.entries(next_index, last + 1, max_size)
+            except CompactedError:
+                self._send_snapshot(to, pr)
+                return
+            commit = log.committed
+            self.msgs.append(
+                Append(self.term, self.id, to, next_index - 1, prev_term, commit, tuple(entries))
+            )
+            if not entries:
+                pr.sent_commit = max(pr.sent_commit, min(commit, next_index - 1))
+                if pr.state is ProgressState.PROBE:
+                    pr.probe_sent = True
+                return
+            sent_last = entries[-1].index
+            pr.sent_commit = max(pr.sent_commit, min(commit, sent_last))
+            if pr.state is not ProgressState.REPLICATE:
+                pr.probe_sent = True
+                return
+            pr.next = sent_last + 1
+            pr.inflights.add(
+                sent_last, sum(len(e.data) for e in entries) + ENTRY_OVERHEAD * len(entries)
+            )
+            want_empty = False
+
+    def _send_snapshot(self, to: str, pr: Progress) -> None:
+        if not pr.recent_active:
+            return  # do not stream a snapshot to a member that is not answering
+        meta = self.log.storage.snapshot_meta()
+        pr.become_snapshot(meta.index)
+        self.msgs.append(InstallSnapshot(self.term, self.id, to, meta))
+
+    def _bcast_heartbeat(self) -> None:
+        self._read_round_due = False
+        committed = self.log.committed
+        seq = self._read_seq
+        for member, pr in self.tracker.progress.items():
+            if member != self.id:
+                self.msgs.append(
+                    Heartbeat(self.term, self.id, member, min(pr.match, committed), seq)
+                )
+
+    def _leader_read(self, ctx: bytes, origin: str) -> None:
+        if not self._committed_in_term():
+            # Until then the leader does not know the commit index of the previous terms.
+            self._pending_reads.append((ctx, origin))
+            return
+        self._read_seq += 1
+        self._reads.append((self._read_seq, self.log.committed, ctx, origin))
+        self._read_acks[self.id] = self._read_seq
+        self._release_reads()
+        if self._reads:
+            self._read_round_due = True
+            self._needs_flush = True
+
+    def _release_reads(self) -> None:
+        # An answer to heartbeat round n confirms leadership after every read of rounds <= n.
+        confirmed = self.tracker.quorum_value(self._read_acks)
+        reads = self._reads
+        while reads and reads[0][0] <= confirmed:
+            _, index, ctx, origin = reads.popleft()
+            if origin == self.id:
+                self.read_states.append(ReadState(ctx, index))
+            else:
+                self.msgs.append(ReadIndexResponse(self.term, self.id, origin, ctx, index))
+
+    # -- the log and the configuration -------------------------------------------------------------
+
+    def _append(self, entries: Sequence[Entry]) -> None:
+        """Append (truncating on conflict), tracking the configuration the log implies."""
+        first = entries[0].index
+        confs = self._confs
+        changed = False
+        while confs and confs[-1][0] >= first:
+            confs.pop()
+            changed = True
+        self.log.append(entries)
+        for entry in entries:
+            if entry.type is EntryType.CONF_CHANGE:
+                confs.append((entry.index, decode_conf_state(entry.data)))
+                changed = True
+        if changed:
+            self._set_conf(confs[-1][1] if confs else self._conf_base[1])
+
+    def _set_conf(self, conf: ConfState) -> None:
+        self.conf = conf
+        leader = self.role is Role.LEADER
+        self.tracker.set_conf(conf, self.log.last_index() + 1, keep_removed=leader)
+        if leader:
+            if self.lead_transferee is not None and self.lead_transferee not in conf.voters:
+                self.lead_transferee = None
+            self._needs_flush = True
+            self._maybe_commit()  # the quorum may have changed
+
+    def _conf_index(self) -> int:
+        return self._confs[-1][0] if self._confs else self._conf_base[0]
+
+    def _scan_confs(self, lo: int, last: int) -> list[tuple[int, ConfState]]:
+        confs: list[tuple[int, ConfState]] = []
+        storage = self.log.storage
+        while lo <= last:
+            chunk = storage.entries(lo, last + 1, 4 << 20)
+            for entry in chunk:
+                if entry.type is EntryType.CONF_CHANGE:
+                    confs.append((entry.index, decode_conf_state(entry.data)))
+            lo = chunk[-1].index + 1
+        return confs

@@ -1,0 +1,815 @@
+"""The node driver: runs a :class:`RaftCore` with real storage, transport and time.
+
+One asyncio task (the loop) owns the core: it feeds ticks, received messages, proposals and
+reads into it, and carries out each :class:`Ready` in the order the core's contract demands —
+persist (in a worker thread, so a slow disk never delays heart-beats), then send, then apply,
+then answer reads. Inputs that arrive while a Ready is being persisted queue up and go into the
+next one, which is how entries are group-committed: many proposals, one fsync.
+
+A member that is not the leader forwards proposals to the leader; the leader answers with the
+index and term the entry got, and the follower waits until its own state machine applies that
+index: apply is deterministic, so its result there is the result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import random
+import ssl
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgspec
+
+from ...errors import (
+    ClosedError,
+    ControlPlaneError,
+    InvalidRequestError,
+    NotLeaderError,
+    OperationTimeoutError,
+    StorageError,
+    UnavailableError,
+)
+from .core import (
+    Busy,
+    ConfChangeType,
+    CoreConfig,
+    InvalidRequest,
+    NotLeader,
+    RaftCore,
+    Ready,
+    Role,
+)
+from .messages import InstallSnapshot, Message
+from .records import ConfState, Entry, EntryType, SnapshotMeta
+from .storage import DiskStorage
+from .transport import PeerTransport, TransportOptions
+
+__all__ = ["Fsm", "NodeOptions", "RaftNode"]
+
+_log = logging.getLogger("controlplane.raft.node")
+
+
+class Fsm(Protocol):
+    """The replicated state machine a :class:`RaftNode` drives (the application)."""
+
+    def apply(self, index: int, data: bytes) -> Any:
+        """Apply one committed entry; return the result for the proposer. Must not raise."""
+
+    def snapshot(self) -> Callable[[], bytes]:
+        """Capture the current state now; the returned function serializes it (in a thread)."""
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state with a snapshot's data."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NodeOptions:
+    """Timing and thresholds of a node. Times are in seconds."""
+
+    heartbeat_interval: float = 0.1
+    """One tick of the core; the leader heart-beats every tick."""
+    election_timeout: float = 1.0
+    """Followers campaign after a random time in [election_timeout, 2 * election_timeout)."""
+    snapshot_entries: int = 10_000
+    """Take a snapshot after this many entries were applied since the last one..."""
+    snapshot_bytes: int = 64 << 20
+    """...or after this many bytes of entry data."""
+    request_timeout: float = 10.0
+    """Default deadline of a proposal or a linearizable read."""
+    snapshot_chunk_bytes: int = 256 << 10
+    max_uncommitted_bytes: int = 64 << 20
+    pre_vote: bool = True
+    check_quorum: bool = True
+
+    def core_config(self) -> CoreConfig:
+        """The core's configuration in ticks."""
+        ticks = max(2, round(self.election_timeout / self.heartbeat_interval))
+        return CoreConfig(
+            election_tick=ticks,
+            heartbeat_tick=1,
+            pre_vote=self.pre_vote,
+            check_quorum=self.check_quorum,
+            max_uncommitted_entries_size=self.max_uncommitted_bytes,
+        )
+
+
+# --- driver-level messages, on the same connections as the Raft messages ------------------------
+
+
+class _DriverMessage(msgspec.Struct, frozen=True, array_like=True, gc=False):
+    term: int
+    src: str
+    dst: str
+
+
+class ForwardProposal(_DriverMessage, frozen=True, tag=32):
+    """A follower asks the leader to propose ``data``."""
+
+    request: int
+    data: bytes
+
+
+class ForwardReply(_DriverMessage, frozen=True, tag=33):
+    """The leader's answer: the entry's index and term, or why it was not proposed."""
+
+    request: int
+    index: int = 0
+    entry_term: int = 0
+    error: str = ""
+    error_code: str = ""
+    leader: str | None = None
+
+
+class LeaderNotice(_DriverMessage, frozen=True, tag=34):
+    """Soft state for the leader (node heart-beats): not replicated, may be lost."""
+
+    payload: bytes
+
+
+class SnapshotChunk(_DriverMessage, frozen=True, tag=35):
+    """Part of a snapshot the leader streams to a follower before an ``InstallSnapshot``."""
+
+    meta: SnapshotMeta
+    offset: int
+    data: bytes
+    done: bool = False
+    crc: int = 0
+    """On the last chunk: CRC-32 of the whole data."""
+
+
+PeerMessage = Message | ForwardProposal | ForwardReply | LeaderNotice | SnapshotChunk
+_DECODER: msgspec.msgpack.Decoder[PeerMessage] = msgspec.msgpack.Decoder(PeerMessage)
+
+
+class _Waiter:
+    __slots__ = ("future", "term")
+
+    def __init__(self, term: int, future: asyncio.Future[Any]) -> None:
+        self.term = term
+        self.future = future
+
+
+class RaftNode:
+    """One Raft member: core + :class:`DiskStorage` + :class:`PeerTransport` + an :class:`Fsm`.
+
+    ``peers`` maps every other member's id to its ``(host, port)``; it can change at run time
+    with :meth:`set_peer`. ``on_role_change(leader_id, is_leader)`` is called on the loop when
+    the known leader changes; ``on_notice(payload)`` is called on the leader for each
+    :meth:`notify_leader` payload.
+    """
+
+    def __init__(
+        self,
+        member_id: str,
+        cluster_id: str,
+        storage: DiskStorage,
+        fsm: Fsm,
+        *,
+        options: NodeOptions | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        peers: dict[str, tuple[str, int]] | None = None,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
+        transport_options: TransportOptions | None = None,
+        on_role_change: Callable[[str | None, bool], None] | None = None,
+        on_notice: Callable[[bytes], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.id = member_id
+        self.cluster_id = cluster_id
+        self.options = options or NodeOptions()
+        self._storage = storage
+        self._fsm = fsm
+        self._rng = rng or random.Random()
+        self._on_role_change = on_role_change
+        self._on_notice = on_notice
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-{member_id}")
+        self.transport: PeerTransport[PeerMessage] = PeerTransport(
+            member_id,
+            cluster_id,
+            decoder=_DECODER,
+            on_message=self._receive,
+            host=host,
+            port=port,
+            peers=peers,
+            server_ssl=server_ssl,
+            client_ssl=client_ssl,
+            options=transport_options,
+        )
+        self.core: RaftCore | None = None
+        self._inbox: collections.deque[PeerMessage] = collections.deque()
+        self._proposals: collections.deque[tuple[bytes, asyncio.Future[Any]]] = collections.deque()
+        self._reads: collections.deque[tuple[bytes, asyncio.Future[int]]] = collections.deque()
+        self._wake = asyncio.Event()
+        self._ticks = 0
+        self._waiters: dict[int, _Waiter] = {}
+        self._recent: collections.OrderedDict[int, tuple[int, Any]] = collections.OrderedDict()
+        self._forwarded: dict[int, asyncio.Future[tuple[int, int]]] = {}
+        self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._request_ids = itertools.count(1)
+        self._read_ids = itertools.count(1)
+        self._incoming: dict[str, tuple[SnapshotMeta, bytearray]] = {}
+        self._ready_snapshots: dict[str, tuple[SnapshotMeta, bytes]] = {}
+        self._sending_snapshot: set[str] = set()
+        self._snapshot_index = 0
+        self._snapshot_running = False
+        self._since_snapshot_entries = 0
+        self._since_snapshot_bytes = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._leader: str | None = None
+        self._role = Role.FOLLOWER
+        self._stopping = False
+        self._failure: BaseException | None = None
+        self._leader_changed = asyncio.Event()
+
+    # --- state -----------------------------------------------------------------------------
+
+    @property
+    def leader_id(self) -> str | None:
+        """The known leader, or None during an election."""
+        return self._leader
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this member leads."""
+        return self._role is Role.LEADER
+
+    @property
+    def role(self) -> str:
+        """``leader``, ``follower``, ``candidate``, ... as the core names it."""
+        return self._role.value
+
+    @property
+    def term(self) -> int:
+        """The current term."""
+        return self.core.term if self.core else 0
+
+    @property
+    def commit_index(self) -> int:
+        """The highest index known committed."""
+        return self.core.log.committed if self.core else 0
+
+    @property
+    def applied_index(self) -> int:
+        """The highest index applied to the state machine."""
+        return self._applied
+
+    @property
+    def conf(self) -> ConfState:
+        """The membership configuration in force."""
+        return self.core.conf if self.core else ConfState()
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the node stopped on its own (a storage failure), if it did."""
+        return self._failure
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover from storage, start the transport and the loop."""
+        loaded = await self._in_thread(self._storage.load_snapshot)
+        applied = 0
+        if loaded is not None:
+            meta, data = loaded
+            self._fsm.restore(data)
+            applied = self._snapshot_index = meta.index
+        self._applied = applied
+        self.core = RaftCore(
+            self.id, self._storage, self.options.core_config(), self._rng, applied=applied
+        )
+        await self.transport.start()
+        loop = asyncio.get_running_loop()
+        self._main = loop.create_task(self._run(), name=f"raft-loop-{self.id}")
+        self._spawn(self._ticker(), "ticker")
+        if self.core.conf.voters == (self.id,):
+            self.core.campaign()  # a lone voter need not wait for an election timeout
+            self._wake.set()
+
+    async def stop(self, *, transfer: bool = True) -> None:
+        """Stop: hand leadership to a caught-up voter first (``transfer``), then shut down."""
+        if self._stopping:
+            return
+        if transfer and self.is_leader and self.core is not None and len(self.conf.voters) > 1:
+            with contextlib.suppress(ControlPlaneError, TimeoutError):
+                await asyncio.wait_for(self._transfer_away(), self.options.election_timeout * 2)
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            self._main.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.transport.close()
+        self._fail_all(ClosedError("the Raft member was stopped"))
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._storage.close)
+        self._executor.shutdown(wait=True)
+
+    async def _transfer_away(self) -> None:
+        core = self.core
+        assert core is not None
+        candidates = [v for v in core.conf.voters if v != self.id]
+        best = max(candidates, key=lambda v: core.tracker.progress[v].match)
+        core.transfer_leadership(best)
+        self._wake.set()
+        while self.is_leader:
+            self._leader_changed.clear()
+            await self._leader_changed.wait()
+
+    # --- requests ----------------------------------------------------------------------------
+
+    async def propose(self, data: bytes, *, within: float | None = None) -> Any:
+        """Replicate ``data``; return the state machine's result once it is applied here.
+
+        Raises ``OperationTimeoutError`` when the deadline passes (the entry may or may not
+        have been committed), ``UnavailableError`` when no leader can be found in time.
+        """
+        deadline = time.monotonic() + (within or self.options.request_timeout)
+        while True:
+            self._check_running()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeoutError("the proposal did not complete in time")
+            try:
+                return await asyncio.wait_for(self._propose_once(data), remaining)
+            except TimeoutError:
+                raise OperationTimeoutError(
+                    "the proposal did not complete in time; it may or may not have taken effect"
+                ) from None
+            except _Retry:
+                await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    async def _propose_once(self, data: bytes) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._leader is None:
+            await self._wait_for_leader()
+        if self._leader == self.id:
+            future: asyncio.Future[Any] = loop.create_future()
+            self._proposals.append((data, future))
+            self._wake.set()
+            return await future
+        leader = self._leader
+        assert leader is not None
+        request = next(self._request_ids)
+        reply: asyncio.Future[tuple[int, int]] = loop.create_future()
+        self._forwarded[request] = reply
+        try:
+            self.transport.send(leader, ForwardProposal(self.term, self.id, leader, request, data))
+            index, term = await asyncio.wait_for(reply, self.options.request_timeout)
+        except TimeoutError:
+            raise _unknown_outcome("the leader did not answer a forwarded proposal") from None
+        finally:
+            self._forwarded.pop(request, None)
+        return await self._wait_applied(index, term)
+
+    async def _wait_applied(self, index: int, term: int) -> Any:
+        recent = self._recent.get(index)
+        if recent is not None:
+            return _result_for(recent, term)
+        if index <= self._applied:
+            raise _unknown_outcome(f"entry {index} was applied before its result was awaited")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiters[index] = _Waiter(term, future)
+        return await future
+
+    async def _wait_for_leader(self) -> None:
+        while self._leader is None:
+            self._check_running()
+            self._leader_changed.clear()
+            await self._leader_changed.wait()
+
+    async def read_index(self, *, within: float | None = None) -> int:
+        """Wait until this member has applied everything committed before the call (ReadIndex).
+
+        Returns the read index. A read that a leadership change swallowed is retried.
+        """
+        deadline = time.monotonic() + (within or self.options.request_timeout)
+        loop = asyncio.get_running_loop()
+        while True:
+            self._check_running()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeoutError("the linearizable read did not complete in time")
+            if self._leader is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_for_leader(), remaining)
+                continue
+            ctx = next(self._read_ids).to_bytes(8, "big")
+            future: asyncio.Future[int] = loop.create_future()
+            self._reads.append((ctx, future))
+            self._wake.set()
+            try:
+                index = await asyncio.wait_for(
+                    future, min(remaining, self.options.election_timeout)
+                )
+            except TimeoutError:
+                continue
+            except _Retry:
+                await asyncio.sleep(0.01)
+                continue
+            finally:
+                self._read_waiters.pop(ctx, None)
+            await self._until_applied(index)
+            return index
+
+    async def _until_applied(self, index: int) -> None:
+        if self._applied >= index:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied_waiters.append((index, future))
+        await future
+
+    def notify_leader(self, payload: bytes) -> None:
+        """Deliver soft state to the leader's ``on_notice`` (best effort, may be lost)."""
+        if self._leader == self.id:
+            if self._on_notice is not None:
+                self._on_notice(payload)
+        elif self._leader is not None:
+            self.transport.send(
+                self._leader, LeaderNotice(self.term, self.id, self._leader, payload)
+            )
+
+    async def change_membership(self, change: ConfChangeType, member: str) -> None:
+        """Add a learner or voter, promote a learner, remove a member (leader only)."""
+        core = self._require_core()
+        if not self.is_leader:
+            raise NotLeaderError(leader_id=self._leader)
+        try:
+            index = core.propose_conf_change(change, member)
+        except NotLeader as exc:
+            raise NotLeaderError(leader_id=self._leader) from exc
+        except Busy as exc:
+            raise UnavailableError(str(exc)) from exc
+        except InvalidRequest as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        self._wake.set()
+        await asyncio.wait_for(self._wait_applied(index, core.term), self.options.request_timeout)
+
+    async def transfer_leadership(self, to: str | None = None) -> None:
+        """Hand leadership to ``to`` (default: the most caught-up voter); wait until it moved."""
+        core = self._require_core()
+        if not self.is_leader:
+            raise NotLeaderError(leader_id=self._leader)
+        if to is None:
+            await asyncio.wait_for(self._transfer_away(), self.options.election_timeout * 2)
+            return
+        try:
+            core.transfer_leadership(to)
+        except InvalidRequest as exc:
+            raise InvalidRequestError(str(exc)) from exc
+        self._wake.set()
+        while self._leader == self.id:
+            self._leader_changed.clear()
+            await asyncio.wait_for(self._leader_changed.wait(), self.options.election_timeout * 2)
+
+    def set_peer(self, member_id: str, host: str, port: int) -> None:
+        """Set (or change) the address of a member."""
+        self.transport.set_peer(member_id, host, port)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        interval = self.options.heartbeat_interval
+        next_at = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            now = time.monotonic()
+            while next_at <= now:
+                self._ticks += 1
+                next_at += interval
+            self._wake.set()
+
+    def _receive(self, msg: PeerMessage) -> None:
+        self._inbox.append(msg)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        core = self._require_core()
+        try:
+            while not self._stopping:
+                await self._wake.wait()
+                self._wake.clear()
+                self._feed(core)
+                while core.has_ready():
+                    rd = core.ready()
+                    await self._handle_ready(core, rd)
+                    core.advance(rd)
+                    self._feed(core)
+                self._maybe_snapshot(core)
+        except StorageError as exc:
+            _log.critical("member %s stops: %s", self.id, exc)
+            self._failure = exc
+            self._stopping = True
+            self._fail_all(exc)
+
+    def _feed(self, core: RaftCore) -> None:
+        for _ in range(self._ticks):
+            core.tick()
+        self._ticks = 0
+        inbox = self._inbox
+        while inbox:
+            msg = inbox.popleft()
+            try:
+                self._dispatch(core, msg)
+            except StorageError:
+                raise
+            except Exception:  # a bad message must not kill the member
+                _log.exception("member %s: error handling %s", self.id, type(msg).__name__)
+        proposals = self._proposals
+        while proposals:
+            data, future = proposals.popleft()
+            if future.done():
+                continue
+            try:
+                index = core.propose(data)
+            except NotLeader:
+                future.set_exception(_Retry())
+            except Busy as exc:
+                future.set_exception(UnavailableError(str(exc)))
+            else:
+                self._waiters[index] = _Waiter(core.term, future)
+        reads = self._reads
+        while reads:
+            ctx, rfuture = reads.popleft()
+            if rfuture.done():
+                continue
+            try:
+                core.read_index(ctx)
+            except NotLeader:
+                rfuture.set_exception(_Retry())
+            else:
+                self._read_waiters[ctx] = rfuture
+
+    def _dispatch(self, core: RaftCore, msg: PeerMessage) -> None:
+        if isinstance(msg, ForwardProposal):
+            self._handle_forward(core, msg)
+        elif isinstance(msg, ForwardReply):
+            future = self._forwarded.get(msg.request)
+            if future is not None and not future.done():
+                if msg.error:
+                    future.set_exception(_Retry())
+                else:
+                    future.set_result((msg.index, msg.entry_term))
+        elif isinstance(msg, LeaderNotice):
+            if self.is_leader and self._on_notice is not None:
+                self._on_notice(msg.payload)
+        elif isinstance(msg, SnapshotChunk):
+            self._receive_chunk(msg)
+        elif isinstance(msg, InstallSnapshot):
+            ready = self._ready_snapshots.get(msg.src)
+            if ready is not None and ready[0] == msg.meta:
+                core.step(msg)
+            else:
+                _log.warning(
+                    "member %s: InstallSnapshot from %s without its data", self.id, msg.src
+                )
+        else:
+            core.step(msg)
+
+    def _handle_forward(self, core: RaftCore, msg: ForwardProposal) -> None:
+        try:
+            index = core.propose(msg.data)
+        except (NotLeader, Busy) as exc:
+            reply = ForwardReply(
+                core.term,
+                self.id,
+                msg.src,
+                msg.request,
+                error=str(exc) or "not leader",
+                leader=core.lead,
+            )
+        else:
+            reply = ForwardReply(core.term, self.id, msg.src, msg.request, index, core.term)
+        self.transport.send(msg.src, reply)
+
+    async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
+        if rd.soft_state is not None:
+            self._set_soft_state(rd.soft_state.lead, rd.soft_state.role)
+        if rd.snapshot is not None:
+            await self._install_snapshot(rd.snapshot)
+        if rd.entries or rd.must_sync:
+            await self._in_thread(self._storage.save, rd.hard_state, rd.entries)
+        for msg in rd.messages:
+            if isinstance(msg, InstallSnapshot):
+                self._start_snapshot_send(core, msg)
+            else:
+                self.transport.send(msg.dst, msg)
+        if rd.committed_entries:
+            self._apply(rd.committed_entries)
+        for read in rd.read_states:
+            future = self._read_waiters.pop(read.ctx, None)
+            if future is not None and not future.done():
+                future.set_result(read.index)
+
+    def _set_soft_state(self, leader: str | None, role: Role) -> None:
+        changed = leader != self._leader or role is not self._role
+        self._leader = leader
+        self._role = role
+        if changed:
+            self._leader_changed.set()
+            if self._on_role_change is not None:
+                self._on_role_change(leader, role is Role.LEADER)
+
+    def _apply(self, entries: list[Entry]) -> None:
+        fsm = self._fsm
+        waiters = self._waiters
+        recent = self._recent
+        size = 0
+        for entry in entries:
+            result: Any = None
+            if entry.type is EntryType.NORMAL and entry.data:
+                result = fsm.apply(entry.index, entry.data)
+                size += len(entry.data)
+            recent[entry.index] = (entry.term, result)
+            waiter = waiters.pop(entry.index, None)
+            if waiter is not None and not waiter.future.done():
+                if waiter.term == entry.term:
+                    waiter.future.set_result(result)
+                else:
+                    waiter.future.set_exception(_Retry())
+        while len(recent) > 4096:
+            recent.popitem(last=False)
+        self._applied = entries[-1].index
+        self._since_snapshot_entries += len(entries)
+        self._since_snapshot_bytes += size
+        if self._applied_waiters:
+            still = []
+            for index, future in self._applied_waiters:
+                if index <= self._applied:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    still.append((index, future))
+            self._applied_waiters = still
+
+    # --- snapshots ---------------------------------------------------------------------------
+
+    def _maybe_snapshot(self, core: RaftCore) -> None:
+        opts = self.options
+        if self._snapshot_running or (
+            self._since_snapshot_entries < opts.snapshot_entries
+            and self._since_snapshot_bytes < opts.snapshot_bytes
+        ):
+            return
+        index = self._applied
+        if index <= self._snapshot_index:
+            return
+        serialize = self._fsm.snapshot()
+        meta = core.compact(index)
+        self._since_snapshot_entries = 0
+        self._since_snapshot_bytes = 0
+        self._snapshot_running = True
+        self._spawn(self._save_snapshot(meta, serialize), "snapshot")
+
+    async def _save_snapshot(self, meta: SnapshotMeta, serialize: Callable[[], bytes]) -> None:
+        try:
+            data = await asyncio.to_thread(serialize)
+            await self._in_thread(self._storage.save_snapshot, meta, data)
+            await self._in_thread(self._storage.compact, meta.index)
+            self._snapshot_index = meta.index
+            _log.info("member %s: snapshot at %d (%d bytes)", self.id, meta.index, len(data))
+        except StorageError as exc:
+            self._failure = exc
+            self._stopping = True
+            self._wake.set()
+        finally:
+            self._snapshot_running = False
+
+    async def _install_snapshot(self, meta: SnapshotMeta) -> None:
+        source = next((s for s, (m, _) in self._ready_snapshots.items() if m == meta), None)
+        if source is None:
+            raise StorageError(f"the core asked to install snapshot {meta} that never arrived")
+        _, data = self._ready_snapshots.pop(source)
+        await self._in_thread(self._storage.install_snapshot, meta, data)
+        self._fsm.restore(data)
+        self._applied = meta.index
+        self._snapshot_index = meta.index
+        for index in [i for i in self._waiters if i <= meta.index]:
+            waiter = self._waiters.pop(index)
+            if not waiter.future.done():  # it may be inside the snapshot, or overwritten
+                waiter.future.set_exception(_unknown_outcome("a snapshot replaced the log"))
+
+    def _start_snapshot_send(self, core: RaftCore, msg: InstallSnapshot) -> None:
+        if msg.dst in self._sending_snapshot:
+            return
+        self._sending_snapshot.add(msg.dst)
+        self._spawn(self._send_snapshot(core, msg), f"snapshot-to-{msg.dst}")
+
+    async def _send_snapshot(self, core: RaftCore, msg: InstallSnapshot) -> None:
+        ok = False
+        try:
+            reader = await self._in_thread(self._storage.open_snapshot)
+            if reader is None:
+                return
+            try:
+                meta = reader.meta
+                data = await asyncio.to_thread(reader.read_data)
+            finally:
+                reader.close()
+            crc = zlib.crc32(data)
+            step = self.options.snapshot_chunk_bytes
+            offsets = range(0, max(len(data), 1), step)
+            for offset in offsets:
+                while self.transport.pending(msg.dst) > 8:  # noqa: ASYNC110 - heart-beats first
+                    await asyncio.sleep(0.005)
+                done = offset + step >= len(data)
+                self.transport.send(
+                    msg.dst,
+                    SnapshotChunk(
+                        msg.term,
+                        self.id,
+                        msg.dst,
+                        meta,
+                        offset,
+                        data[offset : offset + step],
+                        done,
+                        crc if done else 0,
+                    ),
+                )
+            self.transport.send(msg.dst, InstallSnapshot(msg.term, self.id, msg.dst, meta))
+            ok = True
+        except Exception:
+            _log.exception("member %s: sending a snapshot to %s failed", self.id, msg.dst)
+        finally:
+            self._sending_snapshot.discard(msg.dst)
+            core.report_snapshot(msg.dst, success=ok)
+            self._wake.set()
+
+    def _receive_chunk(self, msg: SnapshotChunk) -> None:
+        if msg.offset == 0:
+            self._incoming[msg.src] = (msg.meta, bytearray())
+        current = self._incoming.get(msg.src)
+        if current is None or current[0] != msg.meta or len(current[1]) != msg.offset:
+            self._incoming.pop(msg.src, None)
+            return  # a gap: drop it; the leader retries
+        current[1].extend(msg.data)
+        if msg.done:
+            del self._incoming[msg.src]
+            data = bytes(current[1])
+            if zlib.crc32(data) != msg.crc:
+                _log.warning("member %s: snapshot from %s failed its checksum", self.id, msg.src)
+                return
+            self._ready_snapshots[msg.src] = (msg.meta, data)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"raft-{self.id}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _require_core(self) -> RaftCore:
+        if self.core is None:
+            raise ClosedError("the Raft member is not started")
+        return self.core
+
+    def _check_running(self) -> None:
+        if self._failure is not None:
+            raise UnavailableError(f"the Raft member stopped after a failure: {self._failure}")
+        if self._stopping:
+            raise ClosedError("the Raft member was stopped")
+
+    def _fail_all(self, exc: BaseException) -> None:
+        pending: list[asyncio.Future[Any]] = [w.future for w in self._waiters.values()]
+        pending += [f for _, f in self._proposals]
+        pending += list(self._forwarded.values()) + list(self._read_waiters.values())
+        pending += [f for _, f in self._reads] + [f for _, f in self._applied_waiters]
+        for future in pending:
+            if not future.done():
+                future.set_exception(exc)
+        self._waiters.clear()
+        self._leader_changed.set()
+
+
+class _Retry(Exception):
+    """Internal: the attempt certainly did not take effect; it is safe to try again."""
+
+
+def _unknown_outcome(why: str) -> OperationTimeoutError:
+    return OperationTimeoutError(f"{why}; the change may or may not have taken effect")
+
+
+def _result_for(recent: tuple[int, Any], term: int) -> Any:
+    entry_term, result = recent
+    if entry_term != term:
+        raise _Retry
+    return result
