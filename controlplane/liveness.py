@@ -8,9 +8,10 @@ given a full ``node_timeout`` from the moment tracking started (a new leader's g
 
 from __future__ import annotations
 
+from .commands import Command, RegisterNode, UnregisterNode
 from .types import ClusterState, NodeStatus
 
-__all__ = ["Liveness"]
+__all__ = ["Liveness", "track_liveness"]
 
 
 class Liveness:
@@ -45,3 +46,11 @@ class Liveness:
     def forget(self, node_id: str) -> None:
         """Drop a node that was unregistered."""
         self._last.pop(node_id, None)
+
+
+def track_liveness(liveness: Liveness, command: Command, now: float) -> None:
+    """Keep ``liveness`` in step with an applied command: registering counts as a beat."""
+    if isinstance(command, RegisterNode):
+        liveness.beat(command.node.id, now)
+    elif isinstance(command, UnregisterNode):
+        liveness.forget(command.node_id)

@@ -17,6 +17,7 @@ from .. import commands as c
 from ..config import Config
 from ..errors import ClosedError, NotFoundError
 from ..liveness import Liveness
+from ..liveness import track_liveness as _track_liveness
 from ..state import StateMachine
 from ..types import BackendHealth, ClusterState, EventKind, NodeStatus
 from ..validation import check_name
@@ -100,8 +101,8 @@ class MemoryControlPlane(CommandBackend):
         outcome = self._sm.apply(command)
         if outcome.events:
             self._hub.publish(outcome.version, outcome.events)
-        if isinstance(command, c.UnregisterNode) and outcome.error is None:
-            self._liveness.forget(command.node_id)
+        if outcome.error is None:
+            _track_liveness(self._liveness, command, self._clock())
         return outcome.unwrap()
 
     def _local_state(self) -> ClusterState:

@@ -15,6 +15,7 @@ awaited with :meth:`BackendHarness.wait_for`, bounded by :attr:`BackendHarness.t
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
+from ..errors import ClosedError
 from ..protocol import ControlPlane
 from ..types import ClusterEvent, EventKind, Index, IndexSettings, Node, ShardState
 from ..watch import EventStream
@@ -229,7 +231,8 @@ class MemoryHarness(HarnessBase):
         """Move the fake clock, then run every open backend's periodic duties."""
         self.clock.advance(seconds)
         for cp in list(self._open):
-            await cp.run_maintenance()
+            with contextlib.suppress(ClosedError):  # a check stopped it itself
+                await cp.run_maintenance()
 
 
 # --- the registry of checks ----------------------------------------------------------------
@@ -251,7 +254,34 @@ class Check:
         return (self.func.__doc__ or "").strip()
 
     async def __call__(self, harness: BackendHarness) -> None:
-        await self.func(harness)
+        """Run the check; any failure is an ``AssertionError`` naming the check.
+
+        An unexpected exception from the backend (an error where the call should succeed, a
+        crash) is re-raised as ``AssertionError`` with the original as its cause.
+        """
+        try:
+            await self.func(harness)
+        except (AssertionError, CheckNotApplicable):
+            raise
+        except Exception as exc:
+            found = _find(exc, (AssertionError, CheckNotApplicable))  # from a task group
+            if found is not None:
+                raise found from exc
+            raise AssertionError(
+                f"check {self.name!r}: the backend raised {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def _find(exc: BaseException, types: tuple[type[Exception], ...]) -> Exception | None:
+    """The first exception of ``types`` in ``exc`` or the exception groups it nests."""
+    if isinstance(exc, types):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, types)
+            if found is not None:
+                return found
+    return None
 
 
 _REGISTRY: list[Check] = []

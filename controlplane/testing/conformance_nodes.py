@@ -242,6 +242,26 @@ async def check_heartbeat_keeps_node_active(harness: BackendHarness) -> None:
 
 
 @check(NODES)
+async def check_new_node_gets_a_full_timeout(harness: BackendHarness) -> None:
+    """Registering is a sign of life: a node registered long after the control plane started
+    is not marked DOWN before ``node_timeout`` passes without a heart-beat."""
+    node_timeout = 2.0
+    async with harness.open() as cp:
+        await _set_config(cp, node_timeout=node_timeout)
+        await harness.advance_time(node_timeout * 3)  # the control plane has run for a while
+        await register_data_nodes(cp, ["late"])
+        await harness.advance_time(node_timeout / 2)
+        require_equal(
+            await _status(cp, "late"),
+            NodeStatus.ACTIVE,
+            f"status of a node registered {node_timeout / 2} s ago (node_timeout {node_timeout})",
+        )
+        await cp.heartbeat("late")
+        await harness.advance_time(node_timeout / 2)
+        require_equal(await _status(cp, "late"), NodeStatus.ACTIVE, "status after a heart-beat")
+
+
+@check(NODES)
 async def check_heartbeat_revives_down_node(harness: BackendHarness) -> None:
     """A heart-beat from a DOWN node brings it back ACTIVE; an ACTIVE node's heart-beat
     writes nothing."""

@@ -256,23 +256,36 @@ class ControlPlaneModel(RuleBasedStateMachine):
 
     @rule(
         name=st.sampled_from(INDEX_NAMES),
-        replicas=st.integers(0, 3),
+        replicas=st.integers(-1, 3),
         keep_shards=st.booleans(),
-        extra=st.sampled_from(({}, {"refresh_interval": "5s"})),
+        extra=st.sampled_from(({}, {"refresh_interval": "5s"}, {"refresh_interval": None})),
+        as_patch=st.booleans(),
     )
     def update_index_settings(
         self,
         name: str,
         replicas: int,
         keep_shards: bool,
-        extra: dict[str, str | int | float | bool],
+        extra: dict[str, Any],
+        as_patch: bool,
     ) -> None:
         index = self.model.state.indices.get(name)
         shards = index.settings.number_of_shards if index is not None else 1
+        if not keep_shards:
+            shards += 1
+        if as_patch:  # a mapping changes only the keys it names
+            patch: dict[str, Any] = {"number_of_replicas": replicas, **extra}
+            if not keep_shards:
+                patch["number_of_shards"] = shards
+            self._mutate(
+                UpdateIndexSettings(name=name, patch=patch, time=self.now),
+                lambda: self.cp.update_index_settings(name, patch),
+            )
+            return
         settings = IndexSettings(
-            number_of_shards=shards if keep_shards else shards + 1,
+            number_of_shards=shards,
             number_of_replicas=replicas,
-            extra=extra,
+            extra={k: v for k, v in extra.items() if v is not None},
         )
         self._mutate(
             UpdateIndexSettings(name=name, settings=settings, time=self.now),
@@ -475,7 +488,7 @@ class ControlPlaneModel(RuleBasedStateMachine):
         model = self.model.state
         assert state == model, (
             f"backend state at version {state.version} differs from the model at version "
-            f"{model.version}"
+            f"{model.version} in {_differences(state, model)}"
         )
         local: ClusterState = self.portal.call(self.cp.get_cluster_state, False)
         assert local.version == model.version, "consistent=False must reflect completed writes"
@@ -502,6 +515,16 @@ class ControlPlaneModel(RuleBasedStateMachine):
         assert config == model.config
         assert flags == dict(model.feature_flags.items())
         assert ring.owners("some-key") == model.hash_ring.owners("some-key")
+
+
+def _differences(actual: ClusterState, expected: ClusterState) -> str:
+    """The fields where two states differ, with both values (shortened)."""
+    out = []
+    for field in actual.__struct_fields__:
+        a, b = getattr(actual, field), getattr(expected, field)
+        if a != b:
+            out.append(f"{field}: backend {str(a)[:300]} / model {str(b)[:300]}")
+    return "; ".join(out)
 
 
 def _lookup(kind: str, name: str, found: Any) -> Result:

@@ -25,12 +25,13 @@ from ... import commands as c
 from ...codec import decode_command, decode_state, encode_command, encode_state
 from ...config import Config, Peer, RaftConfig
 from ...errors import ClosedError, InvalidRequestError, NotFoundError, OperationTimeoutError
-from ...liveness import Liveness
+from ...liveness import Liveness, track_liveness
 from ...state import Outcome, StateMachine
 from ...types import BackendHealth, ClusterState, EventKind, NodeStatus
 from ...validation import check_name
 from ...watch import EventStream, WatchHub
 from ..base import CommandBackend
+from .hardstate import FsyncFn, IdentityMismatchError, load_identity
 from .node import NodeOptions, RaftNode
 from .records import ConfState
 from .storage import DiskStorage
@@ -48,6 +49,8 @@ class ControlPlaneFsm:
     def __init__(self, hub: WatchHub) -> None:
         self.machine = StateMachine()
         self.hub = hub
+        self.on_applied: Callable[[c.Command], None] | None = None
+        """Called after each command applied without error (soft-state bookkeeping)."""
 
     def apply(self, index: int, data: bytes) -> Outcome:
         """Decode and apply one command; publish its events."""
@@ -59,6 +62,8 @@ class ControlPlaneFsm:
         outcome = self.machine.apply(command)
         if outcome.events:
             self.hub.publish(outcome.version, outcome.events)
+        if outcome.error is None and self.on_applied is not None:
+            self.on_applied(command)
         return outcome
 
     def snapshot(self) -> Callable[[], bytes]:
@@ -79,14 +84,25 @@ class RaftControlPlane(CommandBackend):
 
     With no peers configured it is a single-member cluster: the embedded default, with a data
     directory and nothing else to run.
+
+    ``fsync`` replaces ``os.fdatasync``/``os.fsync`` for this member's storage (fault
+    injection in tests; see :class:`~.storage.DiskStorage`).
     """
 
-    def __init__(self, config: Config | None = None, *, clock: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        config: Config | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        fsync: FsyncFn | None = None,
+    ):
         super().__init__(clock)
         self.config = config or Config(mode="raft")
+        self._fsync = fsync
         self._hub = WatchHub(self.config.watch_retention)
         self._fsm = ControlPlaneFsm(self._hub)
         self._liveness = Liveness(self._clock())
+        self._fsm.on_applied = lambda cmd: track_liveness(self._liveness, cmd, self._clock())
         self._node: RaftNode | None = None
         self._duties: asyncio.Task[None] | None = None
         self._stopped = False
@@ -110,7 +126,7 @@ class RaftControlPlane(CommandBackend):
         if self._node is not None:
             return
         raft = self.config.raft
-        storage = await asyncio.to_thread(_open_storage, raft)
+        storage = await asyncio.to_thread(_open_storage, raft, self._fsync)
         tls = raft.tls
         self._node = RaftNode(
             raft.node_id,
@@ -196,12 +212,12 @@ class RaftControlPlane(CommandBackend):
         return self._fsm.machine.state
 
     async def heartbeat(self, node_id: str) -> None:
-        """Forward the heart-beat to the leader; a DOWN node is brought back ACTIVE."""
+        """Record the heart-beat on the leader; a DOWN node is brought back ACTIVE."""
         check_name("node", node_id)
         node = self._fsm.machine.state.nodes.get(node_id)
         if node is None:
             raise NotFoundError(f"node {node_id!r} is not registered; register it first")
-        self.node.notify_leader(msgspec.msgpack.encode([node_id]))
+        await self.node.notify_leader(msgspec.msgpack.encode([node_id]))
         if node.status is NodeStatus.DOWN:
             await self._run(
                 c.UpdateNodeStatus(node_id=node_id, status=NodeStatus.ACTIVE, time=self._stamp())
@@ -251,10 +267,22 @@ class RaftControlPlane(CommandBackend):
                 _log.warning("periodic duties failed: %s", exc)
 
 
-def _open_storage(raft: RaftConfig) -> DiskStorage:
+def _open_storage(raft: RaftConfig, fsync: FsyncFn | None = None) -> DiskStorage:
     path = Path(raft.data_dir)
+    # Refuse another member's (or cluster's) directory before opening it: opening recovers,
+    # which may cut a torn tail or delete obsolete segments, i.e. write to it.
+    found = load_identity(path / "identity")
+    if found is not None and (found.cluster_id, found.member_id) != (
+        raft.cluster_id,
+        raft.node_id,
+    ):
+        raise IdentityMismatchError(
+            f"{path} belongs to member {found.member_id!r} of cluster {found.cluster_id!r}, "
+            f"not to member {raft.node_id!r} of cluster {raft.cluster_id!r}. Point this "
+            f"member at its own data directory, or move this one aside to start afresh."
+        )
     path.mkdir(parents=True, exist_ok=True)
-    storage = DiskStorage(path, sync=raft.fsync)
+    storage = DiskStorage(path, sync=raft.fsync, fsync=fsync)
     try:
         if storage.identity() is None:
             if raft.bootstrap:
@@ -278,12 +306,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct ports that were free a moment ago: the sockets are held open
+    together (asking :func:`free_port` repeatedly may hand out the same port twice)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+
+
 def local_cluster_configs(
     base_dir: str | os.PathLike[str], members: int = 3, **raft: Any
 ) -> list[Config]:
     """Configurations of a cluster of ``members`` on 127.0.0.1 with free ports (tests, demos)."""
     ids = [f"cp-{i + 1}" for i in range(members)]
-    ports = {i: (free_port(), free_port(), free_port()) for i in ids}
+    free = _free_ports(3 * members)
+    ports = {i: (free[3 * n], free[3 * n + 1], free[3 * n + 2]) for n, i in enumerate(ids)}
     peers = tuple(Peer(id=i, address=f"127.0.0.1:{ports[i][0]}") for i in ids)
     return [
         Config(

@@ -24,12 +24,22 @@ Design decisions worth knowing:
 - ``committed_entries`` only contains entries that are durable here, so they may be applied
   while the next entries are being written.
 - A leader counts itself towards a quorum only for entries it has persisted.
+- Replication is batched: proposals and acknowledgements only mark work, and Appends are built
+  when the driver asks for a Ready, so everything proposed between two Readys travels in one
+  Append per follower (up to ``max_size_per_msg``), pipelined within the in-flight limits.
+- Snapshots: when a follower needs compacted entries, the leader's Ready carries an
+  ``InstallSnapshot`` for the driver to stream. The follower installs it and drops its log,
+  unless its log holds the snapshot's last entry (same index and term): then it keeps its log
+  and only commits up to there (§7).
 - Membership: a ``CONF_CHANGE`` entry carries the complete new :class:`ConfState`, and a
   member uses the latest configuration in its log from the moment the entry is *appended*,
   committed or not (Raft thesis §4.1). Should the entry be truncated, the member reverts to the
   previous one. Changes go one member at a time, and a leader refuses a new change until it has
   committed an entry of its own term and the previous change is committed — the fix for the
   single-server change bug described on the raft-dev list in 2015.
+  A removed member stops campaigning as soon as its log holds its removal; a leader keeps
+  replicating to removed members until the change commits, and a leader that removed itself
+  then hands over (``TimeoutNow`` to an up-to-date voter) and steps down.
 - Pre-vote (thesis §9.6), check-quorum and a leader lease on votes (§4.2.3) keep a partitioned
   or removed member from disrupting a healthy cluster.
 
@@ -60,9 +70,9 @@ from controlplane.backends.raft.messages import (
     VoteResponse,
 )
 from controlplane.backends.raft.progress import (
-    Progress,
     ProgressState,
     ProgressTracker,
+    ReadIndexQueue,
     VoteResult,
     decode_conf_state,
     encode_conf_state,
@@ -306,7 +316,13 @@ class RaftCore:
         self.vote = hs.vote
         self.lead: str | None = None
         self.role = Role.FOLLOWER
-        self.tracker = ProgressTracker(config.max_inflight_msgs, config.max_inflight_bytes)
+        self.tracker = ProgressTracker(
+            id,
+            log,
+            max_inflight_msgs=config.max_inflight_msgs,
+            max_inflight_bytes=config.max_inflight_bytes,
+            max_size_per_msg=config.max_size_per_msg,
+        )
         self._conf_base = (first - 1, conf)
         self._confs: list[tuple[int, ConfState]] = self._scan_confs(first, log.last_index())
         self.conf = self._confs[-1][1] if self._confs else conf
@@ -319,11 +335,7 @@ class RaftCore:
         self.lead_transferee: str | None = None
         self._uncommitted: deque[tuple[int, int]] = deque()
         self._uncommitted_size = 0
-        self._read_seq = 0
-        self._read_acks: dict[str, int] = {}
-        self._reads: deque[tuple[int, int, bytes, str]] = deque()
-        self._pending_reads: list[tuple[bytes, str]] = []
-        self._read_round_due = False
+        self.reads = ReadIndexQueue()
         self._needs_flush = False
         self._outstanding = False
         self._become_follower(self.term, None)
@@ -632,10 +644,7 @@ class RaftCore:
         self.tracker.votes.clear()
         self._uncommitted.clear()
         self._uncommitted_size = 0
-        self._reads.clear()
-        self._pending_reads.clear()
-        self._read_acks.clear()
-        self._read_round_due = False
+        self.reads.reset()
 
     def _become_follower(self, term: int, lead: str | None) -> None:
         self._reset(term)
@@ -648,7 +657,7 @@ class RaftCore:
         self.role = Role.LEADER
         self.lead = self.id
         log = self.log
-        self.tracker.reset_progress(log.last_index() + 1, self.id, log.persisted)
+        self.tracker.reset_progress(log.last_index() + 1, log.persisted)
         # The no-op lets the new leader commit (and so learn the commit index) at once (§8).
         log.append_one(Entry(log.last_index() + 1, self.term))
         self._needs_flush = True
@@ -703,13 +712,13 @@ class RaftCore:
         self.election_elapsed += 1
         if self.election_elapsed >= self.cfg.election_tick:
             self.election_elapsed = 0
-            if self.cfg.check_quorum and not self.tracker.quorum_active(self.id):
+            if self.cfg.check_quorum and not self.tracker.quorum_active():
                 self._become_follower(self.term, None)
                 return
             self.lead_transferee = None  # a transfer gets one election timeout
         if self.heartbeat_elapsed >= self.cfg.heartbeat_tick:
             self.heartbeat_elapsed = 0
-            self._bcast_heartbeat()
+            self.tracker.send_heartbeats(self.term, self.reads.seq, self.msgs)
 
     # -- handling messages -------------------------------------------------------------------------
 
@@ -819,11 +828,8 @@ class RaftCore:
             if pr.match < self.log.last_index():
                 pr.want_send = True
             self._needs_flush = True
-            if msg.read_seq and self._reads:
-                acks = self._read_acks
-                if msg.read_seq > acks.get(msg.src, 0):
-                    acks[msg.src] = msg.read_seq
-                    self._release_reads()
+            if msg.read_seq and self.reads.ack(msg.src, msg.read_seq):
+                self._release_reads()
         elif isinstance(msg, ReadIndexRequest):
             self._leader_read(msg.ctx, msg.src)
 
@@ -879,8 +885,8 @@ class RaftCore:
         uncommitted = self._uncommitted
         while uncommitted and uncommitted[0][0] <= index:
             self._uncommitted_size -= uncommitted.popleft()[1]
-        if first_in_term and self._pending_reads:
-            pending, self._pending_reads = self._pending_reads, []
+        if first_in_term and self.reads.pending:
+            pending, self.reads.pending = self.reads.pending, []
             for ctx, origin in pending:
                 self._leader_read(ctx, origin)
         if index >= self._conf_index():
@@ -901,90 +907,26 @@ class RaftCore:
         self._become_follower(self.term, None)
 
     def _flush(self) -> None:
-        """Send what each member is missing (batched: proposals only set a flag)."""
+        """Send what each member is missing (batched: proposals and acks only set a flag)."""
         self._needs_flush = False
         if self.role is not Role.LEADER:
             return
-        if self._read_round_due:
-            self._bcast_heartbeat()
-        last = self.log.last_index()
-        committed = self.log.committed
-        for member, pr in self.tracker.progress.items():
-            if member == self.id:
-                continue
-            want_empty = pr.want_send or pr.sent_commit < min(committed, pr.next - 1)
-            pr.want_send = False
-            self._send_append(member, pr, last, want_empty)
-
-    def _send_append(self, to: str, pr: Progress, last: int, want_empty: bool) -> None:
-        log = self.log
-        max_size = self.cfg.max_size_per_msg
-        while not pr.is_paused():
-            next_index = pr.next
-            if next_index > last and not want_empty:
-                return
-            try:
-                prev_term = log.term(next_index - 1)
-                entries = log.entries(next_index, last + 1, max_size)
-            except CompactedError:
-                self._send_snapshot(to, pr)
-                return
-            commit = log.committed
-            self.msgs.append(
-                Append(self.term, self.id, to, next_index - 1, prev_term, commit, tuple(entries))
-            )
-            if not entries:
-                pr.sent_commit = max(pr.sent_commit, min(commit, next_index - 1))
-                if pr.state is ProgressState.PROBE:
-                    pr.probe_sent = True
-                return
-            sent_last = entries[-1].index
-            pr.sent_commit = max(pr.sent_commit, min(commit, sent_last))
-            if pr.state is not ProgressState.REPLICATE:
-                pr.probe_sent = True
-                return
-            pr.next = sent_last + 1
-            pr.inflights.add(
-                sent_last, sum(len(e.data) for e in entries) + ENTRY_OVERHEAD * len(entries)
-            )
-            want_empty = False
-
-    def _send_snapshot(self, to: str, pr: Progress) -> None:
-        if not pr.recent_active:
-            return  # do not stream a snapshot to a member that is not answering
-        meta = self.log.storage.snapshot_meta()
-        pr.become_snapshot(meta.index)
-        self.msgs.append(InstallSnapshot(self.term, self.id, to, meta))
-
-    def _bcast_heartbeat(self) -> None:
-        self._read_round_due = False
-        committed = self.log.committed
-        seq = self._read_seq
-        for member, pr in self.tracker.progress.items():
-            if member != self.id:
-                self.msgs.append(
-                    Heartbeat(self.term, self.id, member, min(pr.match, committed), seq)
-                )
+        if self.reads.round_due:
+            self.reads.round_due = False
+            self.tracker.send_heartbeats(self.term, self.reads.seq, self.msgs)
+        self.tracker.send_appends(self.term, self.msgs)
 
     def _leader_read(self, ctx: bytes, origin: str) -> None:
         if not self._committed_in_term():
             # Until then the leader does not know the commit index of the previous terms.
-            self._pending_reads.append((ctx, origin))
+            self.reads.pending.append((ctx, origin))
             return
-        self._read_seq += 1
-        self._reads.append((self._read_seq, self.log.committed, ctx, origin))
-        self._read_acks[self.id] = self._read_seq
+        self.reads.add(self.id, self.log.committed, ctx, origin)
         self._release_reads()
-        if self._reads:
-            self._read_round_due = True
-            self._needs_flush = True
+        self._needs_flush = True
 
     def _release_reads(self) -> None:
-        # An answer to heartbeat round n confirms leadership after every read of rounds <= n.
-        confirmed = self.tracker.quorum_value(self._read_acks)
-        reads = self._reads
-        while reads and reads[0][0] <= confirmed:
-            _, index, ctx, origin = reads.popleft()
+        for index, ctx, origin in self.reads.release(self.tracker):
             if origin == self.id:
                 self.read_states.append(ReadState(ctx, index))
             else:

@@ -43,8 +43,10 @@ from .core import (
     ConfChangeType,
     CoreConfig,
     InvalidRequest,
+    LeadershipTransferInProgress,
     NotLeader,
     RaftCore,
+    RaftError,
     Ready,
     Role,
 )
@@ -53,7 +55,7 @@ from .records import ConfState, Entry, EntryType, SnapshotMeta
 from .storage import DiskStorage
 from .transport import PeerTransport, TransportOptions
 
-__all__ = ["Fsm", "NodeOptions", "RaftNode"]
+__all__ = ["Fsm", "MessageFilter", "NodeOptions", "PeerMessage", "RaftNode"]
 
 _log = logging.getLogger("controlplane.raft.node")
 
@@ -130,9 +132,13 @@ class ForwardReply(_DriverMessage, frozen=True, tag=33):
 
 
 class LeaderNotice(_DriverMessage, frozen=True, tag=34):
-    """Soft state for the leader (node heart-beats): not replicated, may be lost."""
+    """Soft state for the leader (node heart-beats): not replicated.
+
+    A non-zero ``request`` asks the leader to acknowledge it with a ``ForwardReply``.
+    """
 
     payload: bytes
+    request: int = 0
 
 
 class SnapshotChunk(_DriverMessage, frozen=True, tag=35):
@@ -147,6 +153,8 @@ class SnapshotChunk(_DriverMessage, frozen=True, tag=35):
 
 
 PeerMessage = Message | ForwardProposal | ForwardReply | LeaderNotice | SnapshotChunk
+MessageFilter = Callable[[PeerMessage], bool]
+"""Test seam (:attr:`RaftNode.message_filter`): return False to drop a message."""
 _DECODER: msgspec.msgpack.Decoder[PeerMessage] = msgspec.msgpack.Decoder(PeerMessage)
 
 
@@ -231,8 +239,18 @@ class RaftNode:
         self._leader: str | None = None
         self._role = Role.FOLLOWER
         self._stopping = False
+        self._stopped = False
         self._failure: BaseException | None = None
         self._leader_changed = asyncio.Event()
+        self.message_filter: MessageFilter | None = None
+        """Test seam for fault injection: when set, every message this member receives and
+        every message it sends (Raft and driver messages alike) is passed to it, and dropped
+        unless it returns True. Dropping all of them partitions the member (it still runs:
+        it ticks, campaigns and serves local reads). Not for production use."""
+        self.snapshots_installed = 0
+        """How many snapshots streamed from a leader this member installed."""
+        self.snapshots_sent = 0
+        """How many snapshots this member streamed to a follower to completion."""
 
     # --- state -----------------------------------------------------------------------------
 
@@ -299,11 +317,22 @@ class RaftNode:
             self._wake.set()
 
     async def stop(self, *, transfer: bool = True) -> None:
-        """Stop: hand leadership to a caught-up voter first (``transfer``), then shut down."""
-        if self._stopping:
+        """Stop: hand leadership to a caught-up voter first (``transfer``), then shut down.
+
+        Also releases everything (tasks, sockets, files) of a member that stopped on its own
+        after a storage failure. Idempotent.
+        """
+        if self._stopped:
             return
-        if transfer and self.is_leader and self.core is not None and len(self.conf.voters) > 1:
-            with contextlib.suppress(ControlPlaneError, TimeoutError):
+        self._stopped = True
+        if (
+            transfer
+            and not self._stopping
+            and self.is_leader
+            and self.core is not None
+            and len(self.conf.voters) > 1
+        ):
+            with contextlib.suppress(ControlPlaneError, TimeoutError, RaftError):
                 await asyncio.wait_for(self._transfer_away(), self.options.election_timeout * 2)
         self._stopping = True
         self._wake.set()
@@ -325,6 +354,8 @@ class RaftNode:
         core = self.core
         assert core is not None
         candidates = [v for v in core.conf.voters if v != self.id]
+        if not candidates:
+            raise InvalidRequestError(f"{self.id} is the only voter: there is no one to lead")
         best = max(candidates, key=lambda v: core.tracker.progress[v].match)
         core.transfer_leadership(best)
         self._wake.set()
@@ -370,7 +401,7 @@ class RaftNode:
         reply: asyncio.Future[tuple[int, int]] = loop.create_future()
         self._forwarded[request] = reply
         try:
-            self.transport.send(leader, ForwardProposal(self.term, self.id, leader, request, data))
+            self._send(leader, ForwardProposal(self.term, self.id, leader, request, data))
             index, term = await asyncio.wait_for(reply, self.options.request_timeout)
         except TimeoutError:
             raise _unknown_outcome("the leader did not answer a forwarded proposal") from None
@@ -425,7 +456,16 @@ class RaftNode:
                 continue
             finally:
                 self._read_waiters.pop(ctx, None)
-            await self._until_applied(index)
+            try:
+                # Bounded too: a member cut off right after the leader answered never applies.
+                await asyncio.wait_for(
+                    self._until_applied(index), max(0.0, deadline - time.monotonic())
+                )
+            except TimeoutError:
+                raise OperationTimeoutError(
+                    f"the linearizable read did not complete in time: this member has not "
+                    f"applied up to the read index {index} (applied {self._applied})"
+                ) from None
             return index
 
     async def _until_applied(self, index: int) -> None:
@@ -435,15 +475,39 @@ class RaftNode:
         self._applied_waiters.append((index, future))
         await future
 
-    def notify_leader(self, payload: bytes) -> None:
-        """Deliver soft state to the leader's ``on_notice`` (best effort, may be lost)."""
-        if self._leader == self.id:
-            if self._on_notice is not None:
-                self._on_notice(payload)
-        elif self._leader is not None:
-            self.transport.send(
-                self._leader, LeaderNotice(self.term, self.id, self._leader, payload)
-            )
+    async def notify_leader(self, payload: bytes, *, within: float | None = None) -> None:
+        """Deliver soft state to the leader's ``on_notice``; return once the leader has it.
+
+        Delivery may happen more than once (it is retried when an acknowledgement is lost), so
+        the payload must be idempotent, as heart-beats are.
+        """
+        deadline = time.monotonic() + (within or self.options.request_timeout)
+        loop = asyncio.get_running_loop()
+        while True:
+            self._check_running()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeoutError("the leader did not acknowledge in time")
+            if self._leader is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wait_for_leader(), remaining)
+                continue
+            leader = self._leader
+            if leader == self.id:
+                if self._on_notice is not None:
+                    self._on_notice(payload)
+                return
+            request = next(self._request_ids)
+            ack: asyncio.Future[tuple[int, int]] = loop.create_future()
+            self._forwarded[request] = ack
+            try:
+                self._send(leader, LeaderNotice(self.term, self.id, leader, payload, request))
+                await asyncio.wait_for(ack, min(remaining, self.options.election_timeout))
+                return
+            except (TimeoutError, _Retry):
+                continue  # lost, or that member no longer leads: look again
+            finally:
+                self._forwarded.pop(request, None)
 
     async def change_membership(self, change: ConfChangeType, member: str) -> None:
         """Add a learner or voter, promote a learner, remove a member (leader only)."""
@@ -459,24 +523,40 @@ class RaftNode:
         except InvalidRequest as exc:
             raise InvalidRequestError(str(exc)) from exc
         self._wake.set()
-        await asyncio.wait_for(self._wait_applied(index, core.term), self.options.request_timeout)
+        try:
+            await asyncio.wait_for(
+                self._wait_applied(index, core.term), self.options.request_timeout
+            )
+        except TimeoutError:
+            raise _unknown_outcome("the membership change did not complete in time") from None
+        except _Retry:
+            raise UnavailableError(
+                "the membership change was lost to a leadership change; retry on the new leader"
+            ) from None
 
     async def transfer_leadership(self, to: str | None = None) -> None:
         """Hand leadership to ``to`` (default: the most caught-up voter); wait until it moved."""
         core = self._require_core()
         if not self.is_leader:
             raise NotLeaderError(leader_id=self._leader)
-        if to is None:
-            await asyncio.wait_for(self._transfer_away(), self.options.election_timeout * 2)
-            return
+        within = self.options.election_timeout * 2
         try:
+            if to is None:
+                await asyncio.wait_for(self._transfer_away(), within)
+                return
             core.transfer_leadership(to)
+            self._wake.set()
+            while self._leader == self.id:
+                self._leader_changed.clear()
+                await asyncio.wait_for(self._leader_changed.wait(), within)
         except InvalidRequest as exc:
             raise InvalidRequestError(str(exc)) from exc
-        self._wake.set()
-        while self._leader == self.id:
-            self._leader_changed.clear()
-            await asyncio.wait_for(self._leader_changed.wait(), self.options.election_timeout * 2)
+        except NotLeader as exc:
+            raise NotLeaderError(leader_id=exc.leader) from exc
+        except TimeoutError:
+            raise OperationTimeoutError(
+                f"leadership did not move within {within} s; {self.id} may still lead"
+            ) from None
 
     def set_peer(self, member_id: str, host: str, port: int) -> None:
         """Set (or change) the address of a member."""
@@ -496,8 +576,15 @@ class RaftNode:
             self._wake.set()
 
     def _receive(self, msg: PeerMessage) -> None:
+        if self.message_filter is not None and not self.message_filter(msg):
+            return
         self._inbox.append(msg)
         self._wake.set()
+
+    def _send(self, to: str, msg: PeerMessage) -> None:
+        if self.message_filter is not None and not self.message_filter(msg):
+            return
+        self.transport.send(to, msg)
 
     async def _run(self) -> None:
         core = self._require_core()
@@ -512,11 +599,27 @@ class RaftNode:
                     core.advance(rd)
                     self._feed(core)
                 self._maybe_snapshot(core)
-        except StorageError as exc:
-            _log.critical("member %s stops: %s", self.id, exc)
+        except Exception as exc:  # storage failed, or a bug: never carry on as if it had not
+            self._fail_stop(exc)
+        if self._failure is not None:
+            # Fail-stop: drop the connections, so that peers see this member as down at once
+            # (and nothing queues up for it); stop() releases the rest.
+            await self.transport.close()
+
+    def _fail_stop(self, exc: BaseException) -> None:
+        if self._failure is None:
+            if isinstance(exc, StorageError):
+                _log.critical("member %s stops: %s", self.id, exc)
+            else:
+                _log.critical("member %s stops on an unexpected error", self.id, exc_info=exc)
             self._failure = exc
-            self._stopping = True
-            self._fail_all(exc)
+        self._stopping = True
+        self._wake.set()
+        self._fail_all(
+            exc
+            if isinstance(exc, ControlPlaneError)
+            else UnavailableError(f"the Raft member {self.id} stopped after an error: {exc!r}")
+        )
 
     def _feed(self, core: RaftCore) -> None:
         for _ in range(self._ticks):
@@ -538,7 +641,7 @@ class RaftNode:
                 continue
             try:
                 index = core.propose(data)
-            except NotLeader:
+            except (NotLeader, LeadershipTransferInProgress):  # nothing happened: retry
                 future.set_exception(_Retry())
             except Busy as exc:
                 future.set_exception(UnavailableError(str(exc)))
@@ -567,8 +670,17 @@ class RaftNode:
                 else:
                     future.set_result((msg.index, msg.entry_term))
         elif isinstance(msg, LeaderNotice):
-            if self.is_leader and self._on_notice is not None:
-                self._on_notice(msg.payload)
+            if not self.is_leader:
+                if msg.request:
+                    self._send(
+                        msg.src,
+                        ForwardReply(core.term, self.id, msg.src, msg.request, error="not leader"),
+                    )
+            else:
+                if self._on_notice is not None:
+                    self._on_notice(msg.payload)
+                if msg.request:
+                    self._send(msg.src, ForwardReply(core.term, self.id, msg.src, msg.request))
         elif isinstance(msg, SnapshotChunk):
             self._receive_chunk(msg)
         elif isinstance(msg, InstallSnapshot):
@@ -596,7 +708,7 @@ class RaftNode:
             )
         else:
             reply = ForwardReply(core.term, self.id, msg.src, msg.request, index, core.term)
-        self.transport.send(msg.src, reply)
+        self._send(msg.src, reply)
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
         if rd.soft_state is not None:
@@ -609,7 +721,7 @@ class RaftNode:
             if isinstance(msg, InstallSnapshot):
                 self._start_snapshot_send(core, msg)
             else:
-                self.transport.send(msg.dst, msg)
+                self._send(msg.dst, msg)
         if rd.committed_entries:
             self._apply(rd.committed_entries)
         for read in rd.read_states:
@@ -684,10 +796,8 @@ class RaftNode:
             await self._in_thread(self._storage.compact, meta.index)
             self._snapshot_index = meta.index
             _log.info("member %s: snapshot at %d (%d bytes)", self.id, meta.index, len(data))
-        except StorageError as exc:
-            self._failure = exc
-            self._stopping = True
-            self._wake.set()
+        except Exception as exc:  # the core already counts on this snapshot: stop
+            self._fail_stop(exc)
         finally:
             self._snapshot_running = False
 
@@ -700,6 +810,8 @@ class RaftNode:
         self._fsm.restore(data)
         self._applied = meta.index
         self._snapshot_index = meta.index
+        self.snapshots_installed += 1
+        _log.info("member %s: installed snapshot at %d from %s", self.id, meta.index, source)
         for index in [i for i in self._waiters if i <= meta.index]:
             waiter = self._waiters.pop(index)
             if not waiter.future.done():  # it may be inside the snapshot, or overwritten
@@ -729,7 +841,7 @@ class RaftNode:
                 while self.transport.pending(msg.dst) > 8:  # noqa: ASYNC110 - heart-beats first
                     await asyncio.sleep(0.005)
                 done = offset + step >= len(data)
-                self.transport.send(
+                self._send(
                     msg.dst,
                     SnapshotChunk(
                         msg.term,
@@ -742,8 +854,9 @@ class RaftNode:
                         crc if done else 0,
                     ),
                 )
-            self.transport.send(msg.dst, InstallSnapshot(msg.term, self.id, msg.dst, meta))
+            self._send(msg.dst, InstallSnapshot(msg.term, self.id, msg.dst, meta))
             ok = True
+            self.snapshots_sent += 1
         except Exception:
             _log.exception("member %s: sending a snapshot to %s failed", self.id, msg.dst)
         finally:

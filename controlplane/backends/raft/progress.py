@@ -10,8 +10,10 @@ A leader keeps one :class:`Progress` per member: the highest index known to matc
 - ``SNAPSHOT``: the member needs entries that were compacted; nothing is sent until the driver
   reports how the snapshot transfer went.
 
-:class:`ProgressTracker` also holds the configuration (voters and learners), counts votes and
-computes quorum positions. Only voters ever count; learners only receive the log.
+:class:`ProgressTracker` also holds the configuration (voters and learners), counts votes,
+computes quorum positions and builds the Appends, snapshot orders and heartbeats a leader sends.
+Only voters ever count; learners only receive the log. :class:`ReadIndexQueue` holds the
+linearizable reads waiting for a quorum to confirm the leader.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Mapping
 
 import msgspec
 
+from controlplane.backends.raft.messages import Append, Heartbeat, InstallSnapshot, Message
+from controlplane.backends.raft.raftlog import ENTRY_OVERHEAD, CompactedError, RaftLog
 from controlplane.backends.raft.records import ConfState
 
 __all__ = (
@@ -29,6 +33,7 @@ __all__ = (
     "Progress",
     "ProgressState",
     "ProgressTracker",
+    "ReadIndexQueue",
     "VoteResult",
     "decode_conf_state",
     "encode_conf_state",
@@ -193,21 +198,36 @@ class Progress:
 
 
 class ProgressTracker:
-    """The configuration, each member's :class:`Progress` (on a leader) and election votes."""
+    """The configuration, election votes and, on a leader, each member's :class:`Progress`
+    and the messages that follow from it."""
 
     __slots__ = (
         "learner_set",
+        "log",
         "max_inflight_bytes",
         "max_inflight_msgs",
+        "max_size_per_msg",
         "progress",
+        "self_id",
         "voter_set",
         "voters",
         "votes",
     )
 
-    def __init__(self, max_inflight_msgs: int, max_inflight_bytes: int) -> None:
+    def __init__(
+        self,
+        self_id: str,
+        log: RaftLog,
+        *,
+        max_inflight_msgs: int,
+        max_inflight_bytes: int,
+        max_size_per_msg: int,
+    ) -> None:
+        self.self_id = self_id
+        self.log = log
         self.max_inflight_msgs = max_inflight_msgs
         self.max_inflight_bytes = max_inflight_bytes
+        self.max_size_per_msg = max_size_per_msg
         self.voters: tuple[str, ...] = ()
         self.voter_set: frozenset[str] = frozenset()
         self.learner_set: frozenset[str] = frozenset()
@@ -241,11 +261,11 @@ class ProgressTracker:
         for member in [m for m in self.progress if m not in members]:
             del self.progress[member]
 
-    def reset_progress(self, next_index: int, self_id: str, self_match: int) -> None:
+    def reset_progress(self, next_index: int, self_match: int) -> None:
         """A new leader's view: nothing known to match, everyone probed from ``next_index``."""
         for member in list(self.progress):
             pr = self._new_progress(next_index, recent_active=False)
-            if member == self_id:
+            if member == self.self_id:
                 pr.match = self_match
                 pr.recent_active = True
             self.progress[member] = pr
@@ -270,11 +290,11 @@ class ProgressTracker:
         matches = sorted((progress[v].match if v in progress else 0 for v in voters), reverse=True)
         return matches[len(voters) // 2]
 
-    def quorum_active(self, self_id: str) -> bool:
+    def quorum_active(self) -> bool:
         """Whether a quorum of voters answered since the last call; then starts a new round."""
         active = 0
         for member, pr in self.progress.items():
-            if member == self_id:
+            if member == self.self_id:
                 if member in self.voter_set:
                     active += 1
                 continue
@@ -300,3 +320,117 @@ class ProgressTracker:
         if rejected > len(self.voters) - quorum:
             return VoteResult.LOST
         return VoteResult.PENDING
+
+    # -- what a leader sends ----------------------------------------------------------------------
+
+    def send_appends(self, term: int, out: list[Message]) -> None:
+        """Append to ``out`` what each member is missing, within its flow-control limits: new
+        entries, or an empty Append to carry a newer commit index or to probe."""
+        last = self.log.last_index()
+        committed = self.log.committed
+        for member, pr in self.progress.items():
+            if member == self.self_id:
+                continue
+            want_empty = pr.want_send or pr.sent_commit < min(committed, pr.next - 1)
+            pr.want_send = False
+            self._send_append(member, pr, term, last, want_empty=want_empty, out=out)
+
+    def _send_append(
+        self, to: str, pr: Progress, term: int, last: int, *, want_empty: bool, out: list[Message]
+    ) -> None:
+        log = self.log
+        while not pr.is_paused():
+            next_index = pr.next
+            if next_index > last and not want_empty:
+                return
+            try:
+                prev_term = log.term(next_index - 1)
+                entries = log.entries(next_index, last + 1, self.max_size_per_msg)
+            except CompactedError:
+                self._send_snapshot(to, pr, term, out)
+                return
+            commit = log.committed
+            out.append(
+                Append(term, self.self_id, to, next_index - 1, prev_term, commit, tuple(entries))
+            )
+            if not entries:
+                pr.sent_commit = max(pr.sent_commit, min(commit, next_index - 1))
+                if pr.state is ProgressState.PROBE:
+                    pr.probe_sent = True
+                return
+            sent_last = entries[-1].index
+            pr.sent_commit = max(pr.sent_commit, min(commit, sent_last))
+            if pr.state is not ProgressState.REPLICATE:
+                pr.probe_sent = True
+                return
+            pr.next = sent_last + 1  # optimistic: pipelined, no waiting for the answer
+            size = sum(len(e.data) for e in entries) + ENTRY_OVERHEAD * len(entries)
+            pr.inflights.add(sent_last, size)
+            want_empty = False
+
+    def _send_snapshot(self, to: str, pr: Progress, term: int, out: list[Message]) -> None:
+        if not pr.recent_active:
+            return  # do not stream a snapshot to a member that is not answering
+        meta = self.log.storage.snapshot_meta()
+        pr.become_snapshot(meta.index)
+        out.append(InstallSnapshot(term, self.self_id, to, meta))
+
+    def send_heartbeats(self, term: int, read_seq: int, out: list[Message]) -> None:
+        committed = self.log.committed
+        for member, pr in self.progress.items():
+            if member != self.self_id:
+                # Never a commit index beyond what the member is known to hold.
+                out.append(
+                    Heartbeat(term, self.self_id, member, min(pr.match, committed), read_seq)
+                )
+
+
+class ReadIndexQueue:
+    """Reads waiting for the leader to confirm, with a heartbeat round answered by a quorum,
+    that it was still the leader after they arrived (thesis §6.4).
+
+    Each read gets a round number (``seq``) that the next heartbeats carry and the answers
+    echo. An answer to round ``n`` confirms every read of rounds up to ``n``.
+    """
+
+    __slots__ = ("acks", "pending", "queue", "round_due", "seq")
+
+    def __init__(self) -> None:
+        self.seq = 0
+        self.acks: dict[str, int] = {}
+        self.queue: deque[tuple[int, int, bytes, str]] = deque()
+        """(round, read index, ctx, requesting member)."""
+        self.pending: list[tuple[bytes, str]] = []
+        """Reads that arrived before the leader committed an entry of its term."""
+        self.round_due = False
+
+    def reset(self) -> None:
+        self.acks.clear()
+        self.queue.clear()
+        self.pending.clear()
+        self.round_due = False
+
+    def add(self, self_id: str, index: int, ctx: bytes, origin: str) -> None:
+        self.seq += 1
+        self.queue.append((self.seq, index, ctx, origin))
+        self.acks[self_id] = self.seq
+        self.round_due = True
+
+    def ack(self, member: str, seq: int) -> bool:
+        """Record an answer to round ``seq``; returns whether that may confirm reads."""
+        if not self.queue or seq <= self.acks.get(member, 0):
+            return False
+        self.acks[member] = seq
+        return True
+
+    def release(self, tracker: ProgressTracker) -> list[tuple[int, bytes, str]]:
+        """The reads a quorum has now confirmed, as (index, ctx, origin), oldest first."""
+        confirmed = tracker.quorum_value(self.acks)
+        queue = self.queue
+        done = []
+        while queue and queue[0][0] <= confirmed:
+            _, index, ctx, origin = queue.popleft()
+            done.append((index, ctx, origin))
+        if not queue:
+            self.round_due = False
+        return done

@@ -274,7 +274,7 @@ class RaftLog:
         self.unstable = []
         self.offset = meta.index + 1
         self.in_progress = meta.index + 1
-        self.persisted = 0
+        self.persisted = 0  # nothing of the new log is durable until the snapshot is installed
         self.committed = meta.index
 
     # -- handing work to the driver and hearing back -----------------------------------------------

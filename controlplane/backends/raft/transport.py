@@ -335,6 +335,7 @@ class PeerTransport(Generic[T]):
         self._stats: dict[str, PeerStats] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._inbound: dict[str, asyncio.Task[None]] = {}  # newest connection per member
+        self._unserved: set[asyncio.StreamWriter] = set()
         self._rejected_handshakes = 0
         self._protocol_errors = 0
         self._dropped_unknown_peer = 0
@@ -408,6 +409,9 @@ class PeerTransport(Generic[T]):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._opts.close_timeout):
                         await self._server.wait_closed()
+            for writer in self._unserved:
+                writer.transport.abort()
+            self._unserved.clear()
             for peer in self._peers.values():
                 self._discard_queue(peer)
         finally:
@@ -713,9 +717,13 @@ class PeerTransport(Generic[T]):
         if self._state is not _State.RUNNING:
             writer.transport.abort()
             return
+        # Tracked until _serve owns it: a task cancelled before it starts never runs its
+        # finally, and close() must still close the socket.
+        self._unserved.add(writer)
         self._spawn(self._serve(reader, writer), f"raft-transport-from-{_peername(writer)}")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._unserved.discard(writer)
         task = asyncio.current_task()
         peername = _peername(writer)
         sender: str | None = None

@@ -1,0 +1,527 @@
+"""Three (and four) raft members in one process: replication, leader changes, catch-up through
+InstallSnapshot, leadership transfer, watches on followers, membership changes while running,
+and faults (abrupt stops, partitions through the node's ``message_filter``, a failed fsync,
+hostile bytes on the peer port).
+
+Timing is short (30 ms heart-beats, 0.3 s election timeout) and every wait is bounded by
+``anyio.fail_after``; nothing asserts how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import random
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from controlplane.backends.raft.backend import RaftControlPlane, local_cluster_configs
+from controlplane.backends.raft.core import ConfChangeType
+from controlplane.backends.raft.framing import encode_frame
+from controlplane.backends.raft.messages import Append, TimeoutNow
+from controlplane.backends.raft.node import PeerMessage
+from controlplane.backends.raft.transport import (
+    PROTOCOL_NAME,
+    PROTOCOL_VERSION,
+    Handshake,
+    HandshakeReply,
+)
+from controlplane.errors import (
+    OperationTimeoutError,
+    StorageError,
+    UnavailableError,
+)
+from controlplane.types import EventKind
+
+from .cluster_util import LocalCluster, assert_no_asyncio_errors
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    yield from assert_no_asyncio_errors(caplog)
+
+
+async def write_flags(cp: RaftControlPlane, prefix: str, n: int) -> None:
+    for i in range(n):
+        await cp.set_feature_flag(f"{prefix}-{i}", True)
+
+
+def flags(prefix: str, n: int) -> dict[str, bool]:
+    return {f"{prefix}-{i}": True for i in range(n)}
+
+
+def test_local_cluster_configs_never_reuse_a_port(tmp_path: Path) -> None:
+    """Ports were picked one at a time, each socket closed before the next was bound, so the
+    same port came back now and then (a member's http port equal to its listen port failed
+    validation; two members on one port made a broken cluster)."""
+    for _ in range(3000):
+        configs = local_cluster_configs(tmp_path, 3)
+        ports = [
+            port
+            for config in configs
+            for port in (config.raft.listen_port, config.raft.client_port, config.raft.http_port)
+        ]
+        assert len(set(ports)) == len(ports)
+
+
+# --- replication --------------------------------------------------------------------------------
+
+
+async def test_a_write_on_a_follower_is_visible_there_when_it_returns(tmp_path: Path) -> None:
+    with anyio.fail_after(30):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            await cluster.wait_leader()
+            follower = cluster.follower()
+            for i in range(30):
+                await follower.set_feature_flag(f"f{i}", i % 2 == 0)
+                # A local (non-linearizable) read on the follower already sees it.
+                assert (await follower.get_feature_flags())[f"f{i}"] is (i % 2 == 0)
+            index = await follower.create_index("logs", {"shards": 3, "replicas": 1})
+            assert (await follower.get_index("logs")) == index
+            state = await cluster.wait_converged()
+            assert len(state.feature_flags) == 30 and "logs" in state.indices
+
+
+async def test_members_converge_under_concurrent_writes_on_every_member(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            await cluster.wait_leader()
+
+            async def writer(cp: RaftControlPlane, name: str) -> None:
+                for i in range(40):
+                    await cp.set_feature_flag(f"{name}-{i % 10}", i % 3 == 0)
+
+            async with anyio.create_task_group() as tg:
+                for member, cp in cluster.members.items():
+                    tg.start_soon(writer, cp, member)
+                    tg.start_soon(writer, cp, f"{member}-b")
+            states = await cluster.states()
+            first = states["cp-1"]
+            assert all(state == first for state in states.values())
+            assert len(first.feature_flags) == 60
+
+
+async def test_leader_stop_elects_a_new_leader_and_the_old_one_catches_up(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            old = (await cluster.wait_leader()).node.id
+            await write_flags(cluster.members[old], "before", 10)
+            await cluster.stop(old, transfer=False)  # abruptly: no hand-over
+            new = await cluster.wait_leader()
+            assert new.node.id != old
+            await write_flags(cluster.follower(), "during", 20)
+            await write_flags(new, "during-leader", 5)
+
+            restarted = await cluster.start(old)
+            await cluster.wait_ready()
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == {
+                **flags("before", 10),
+                **flags("during", 20),
+                **flags("during-leader", 5),
+            }
+            # The restarted member serves writes again.
+            await restarted.set_feature_flag("after", True)
+            assert (await restarted.get_feature_flags())["after"] is True
+
+
+async def test_a_member_far_behind_catches_up_through_install_snapshot(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path, snapshot_entries=20) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            lagging = next(m for m in cluster.members if m != leader.node.id)
+            # Down, and nothing sent to it meanwhile: the leader's transport would otherwise
+            # keep the Appends it queued for the member and deliver them on its return.
+            cluster.isolate(lagging)
+            await cluster.stop(lagging)
+            await write_flags(leader, "many", 120)
+            # Wait until the leader's log no longer holds the entries the member misses.
+            core = leader.node.core
+            assert core is not None
+            await cluster.wait_for(lambda: core.log.first_index() > 60)
+
+            behind = await cluster.start(lagging)
+            cluster.heal()
+            await cluster.wait_ready()
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == flags("many", 120)
+            assert behind.node.snapshots_installed >= 1
+            assert leader.node.snapshots_sent >= 1
+            # It goes on from the snapshot with ordinary replication.
+            await write_flags(leader, "after", 5)
+            await cluster.wait_converged()
+
+
+async def test_graceful_stop_of_the_leader_hands_over_without_an_election_timeout(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            # Only cp-1 ever times out; the others would wait 60-120 s before campaigning,
+            # far longer than this test may take: a leader among them proves a hand-over.
+            for member in ("cp-2", "cp-3"):
+                cluster.reconfigure(member, election_timeout=60.0)
+            await cluster.start_all(within=20)
+            assert (await cluster.wait_leader(within=20)).node.id == "cp-1"
+            old_term = cluster.members["cp-1"].node.term
+            await write_flags(cluster.members["cp-2"], "before", 10)
+
+            await cluster.stop("cp-1")  # graceful: transfers leadership first
+            with anyio.fail_after(10):
+                new = await cluster.wait_leader()
+            assert new.node.id in ("cp-2", "cp-3")
+            assert new.node.term > old_term
+            await write_flags(cluster.follower(), "after", 10)
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == {
+                **flags("before", 10),
+                **flags("after", 10),
+            }
+
+
+async def test_watch_on_a_follower_delivers_every_event_in_order(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            await cluster.wait_leader()
+            follower = cluster.follower()
+            start = (await follower.get_cluster_state(consistent=True)).version
+            rng = random.Random(7)
+            n = 60
+            received: list[tuple[int, str, bool | None]] = []
+
+            async def consume() -> None:
+                async with follower.watch(since=start, kinds={EventKind.FLAG_CHANGED}) as events:
+                    async for event in events:
+                        received.append((event.version, event.key, event.enabled))
+                        if len(received) == n:
+                            return
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume)
+                for i in range(n):
+                    cp = rng.choice(list(cluster.members.values()))
+                    await cp.set_feature_flag(f"w{i}", True)
+                    if i == n // 2:  # a leader change in the middle of the stream
+                        await (await cluster.wait_leader()).node.transfer_leadership()
+            assert [v for v, _, _ in received] == list(range(start + 1, start + n + 1))
+            assert [(k, e) for _, k, e in received] == [(f"w{i}", True) for i in range(n)]
+
+
+# --- membership ---------------------------------------------------------------------------------
+
+
+async def add_member(cluster: LocalCluster, member: str) -> RaftControlPlane:
+    """Start ``member`` (joining, bootstrap off), add it as a learner, wait until it caught
+    up, promote it to voter. Returns it."""
+    host, port = cluster.address(member)
+    for cp in cluster.members.values():
+        cp.node.set_peer(member, host, port)
+    joiner = await cluster.start(member)
+    leader = await cluster.wait_leader(among=[m for m in cluster.members if m != member])
+    await leader.node.change_membership(ConfChangeType.ADD_LEARNER, member)
+    assert member in leader.node.conf.learners
+    await cluster.wait_for(lambda: joiner.node.applied_index >= leader.node.commit_index)
+    with anyio.fail_after(10):
+        while True:
+            try:
+                await leader.node.change_membership(ConfChangeType.PROMOTE_LEARNER, member)
+                break
+            except UnavailableError:  # not caught up yet, or an earlier change pending
+                await asyncio.sleep(0.05)
+    assert member in leader.node.conf.voters
+    return joiner
+
+
+async def test_add_a_learner_promote_it_then_remove_another_member(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path, joining=1, snapshot_entries=30) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            await write_flags(leader, "before", 50)  # a snapshot exists by now
+
+            joiner = await add_member(cluster, "cp-4")
+            await write_flags(joiner, "joined", 5)  # the new member serves writes
+            await cluster.wait_converged()
+
+            leader = await cluster.wait_leader()
+            removed = next(m for m in cluster.ids if m != leader.node.id)
+            await leader.node.change_membership(ConfChangeType.REMOVE, removed)
+            await cluster.stop(removed)
+            assert sorted(leader.node.conf.voters) == sorted(
+                m for m in ("cp-1", "cp-2", "cp-3", "cp-4") if m != removed
+            )
+            await write_flags(joiner, "after", 5)
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == {
+                **flags("before", 50),
+                **flags("joined", 5),
+                **flags("after", 5),
+            }
+            for cp in cluster.members.values():
+                assert sorted(cp.node.conf.voters) == sorted(leader.node.conf.voters)
+
+
+async def test_remove_the_leader_itself(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            old = leader.node.id
+            await leader.node.change_membership(ConfChangeType.REMOVE, old)
+            others = [m for m in cluster.members if m != old]
+            new = await cluster.wait_leader(among=others)
+            await cluster.stop(old)
+            await write_flags(new, "after", 5)
+            assert sorted(new.node.conf.voters) == sorted(others)
+            await cluster.wait_converged()
+
+
+async def test_membership_changes_while_a_member_is_down(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path, joining=1) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            down = next(m for m in cluster.ids if m != leader.node.id)
+            await cluster.stop(down, transfer=False)
+            await write_flags(leader, "while-down", 10)
+            # Add a fourth voter while the third is down: 3 of 4 are up, a quorum.
+            await add_member(cluster, "cp-4")
+            await write_flags(cluster.follower(), "four", 10)
+            # The member that was down comes back and learns the new configuration.
+            back = await cluster.start(down)
+            await cluster.wait_ready()
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == {
+                **flags("while-down", 10),
+                **flags("four", 10),
+            }
+            assert sorted(back.node.conf.voters) == ["cp-1", "cp-2", "cp-3", "cp-4"]
+            # Remove it while it is down again; the other three carry on.
+            await cluster.stop(down, transfer=False)
+            leader = await cluster.wait_leader()
+            await leader.node.change_membership(ConfChangeType.REMOVE, down)
+            await write_flags(cluster.follower(), "three", 5)
+            assert len((await cluster.wait_converged()).feature_flags) == 25
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+async def test_a_paused_follower_does_not_disturb_and_catches_up(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            paused = cluster.follower()
+            term = paused.node.term
+            cluster.isolate(paused.node.id)  # as if SIGSTOPped: nothing in, nothing out
+            await write_flags(leader, "paused", 20)
+            with pytest.raises(OperationTimeoutError):
+                await paused.node.read_index(within=1.0)
+            await asyncio.sleep(1.0)  # several election timeouts on the paused member
+            # Pre-vote: its failed campaigns did not raise its term (no disruption later).
+            assert paused.node.term == term
+            cluster.heal()
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == flags("paused", 20)
+
+
+async def test_a_partitioned_leader_steps_down_and_acknowledges_nothing(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            old = await cluster.wait_leader()
+            await write_flags(old, "before", 5)
+            cluster.isolate(old.node.id)
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await old.set_feature_flag("lost", True)
+            # Check-quorum: it noticed it lost its followers and stepped down.
+            await cluster.wait_for(lambda: not old.node.is_leader)
+            new = await cluster.wait_leader()  # among the majority
+            assert new.node.id != old.node.id
+            await write_flags(new, "majority", 5)
+            cluster.heal()
+            await cluster.wait_leader()
+            assert not old.node.is_leader and old.node.leader_id == cluster.leaders()[0]
+            state = await cluster.wait_converged()
+            assert "lost" not in state.feature_flags
+            assert dict(state.feature_flags.items()) == {
+                **flags("before", 5),
+                **flags("majority", 5),
+            }
+
+
+async def test_a_failed_fsync_stops_the_member_and_the_others_carry_on(tmp_path: Path) -> None:
+    failing = False
+
+    def fsync(fd: int) -> None:
+        if failing:
+            raise OSError(errno.EIO, "injected I/O error")
+        os.fsync(fd)
+
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start("cp-1", fsync=fsync)
+            await cluster.start("cp-2")
+            await cluster.start("cp-3")
+            await cluster.wait_ready()
+            leader = await cluster.wait_leader()
+            if leader.node.id != "cp-1":
+                await leader.node.transfer_leadership("cp-1")
+            victim = await cluster.wait_leader()
+            assert victim.node.id == "cp-1"
+            await write_flags(victim, "before", 5)
+
+            failing = True
+            with pytest.raises(StorageError, match="injected"):
+                await victim.set_feature_flag("never", True)
+            health = await victim.health()
+            assert not health.healthy and "failed" in health.detail
+            assert victim.node.failure is not None
+            with pytest.raises(UnavailableError):
+                await victim.set_feature_flag("refused", True)
+
+            others = ["cp-2", "cp-3"]
+            new = await cluster.wait_leader(among=others)
+            await write_flags(new, "after", 5)
+            await write_flags(cluster.members[next(m for m in others if m != new.node.id)], "f", 3)
+
+            # The failed member is stopped by its operator and, with a working disk, restarts.
+            await cluster.stop("cp-1", transfer=False)
+            failing = False
+            await cluster.start("cp-1")
+            await cluster.wait_ready()
+            state = await cluster.wait_converged()
+            assert "never" not in state.feature_flags
+            assert dict(state.feature_flags.items()) == {
+                **flags("before", 5),
+                **flags("after", 5),
+                **flags("f", 3),
+            }
+
+
+async def test_malformed_frames_on_the_peer_port_do_not_disturb_the_cluster(
+    tmp_path: Path,
+) -> None:
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            target = leader.node  # the most sensitive member
+            port = target.transport.port
+
+            async def exchange(data: bytes) -> bytes:
+                """Send ``data``, return everything until the member closes the connection."""
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    writer.write(data)
+                    await writer.drain()
+                    with anyio.fail_after(10):
+                        return await reader.read()  # EOF: the member hung up
+                finally:
+                    writer.close()
+                    await writer.wait_closed()
+
+            member = next(m for m in cluster.members if m != target.id)
+
+            def hello(cluster_id: str = "controlplane", sender: str = member) -> bytes:
+                handshake = Handshake(
+                    PROTOCOL_NAME, PROTOCOL_VERSION, cluster_id, sender, target.id
+                )
+                return encode_frame(msgspec.msgpack.encode(handshake))
+
+            before = target.transport.stats()
+            assert await exchange(b"\xff" * 512) == b""  # garbage: a 4 GiB length
+            assert await exchange(struct.pack(">I", 0xFFFF_FFF0) + b"x" * 64) == b""
+            assert await exchange(encode_frame(b"\xc1" * 32)) == b""  # undecodable handshake
+            reply = await exchange(hello(cluster_id="some-other-cluster"))
+            answer = msgspec.msgpack.decode(reply[4:], type=HandshakeReply)
+            assert not answer.accepted and "cluster id mismatch" in answer.reason
+            reply = await exchange(hello(sender="intruder"))
+            assert not msgspec.msgpack.decode(reply[4:], type=HandshakeReply).accepted
+            # A valid handshake (claiming a real member) followed by garbage and a frame that
+            # is too large: only that connection is closed.
+            await exchange(hello() + encode_frame(b"\x93\xff\xfe"))
+            await exchange(hello() + struct.pack(">I", 1 << 30))
+            after = target.transport.stats()
+            assert after.protocol_errors >= before.protocol_errors + 5
+            assert after.rejected_handshakes >= before.rejected_handshakes + 2
+            assert target.failure is None
+
+            for cp in list(cluster.members.values()):
+                await write_flags(cp, f"after-{cp.node.id}", 3)
+            state = await cluster.wait_converged()
+            assert len(state.feature_flags) == 9
+
+
+# --- regressions of the node driver -------------------------------------------------------------
+
+
+async def test_a_linearizable_read_gives_up_at_its_deadline(tmp_path: Path) -> None:
+    """A follower that got its read index from the leader but cannot apply up to it used to
+    wait forever; the read must end at its deadline."""
+    with anyio.fail_after(30):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            starved = cluster.follower()
+
+            def no_entries(msg: PeerMessage) -> bool:
+                return not isinstance(msg, Append)  # heart-beats and reads still flow
+
+            starved.node.message_filter = no_entries
+            await write_flags(leader, "x", 5)
+            with pytest.raises(OperationTimeoutError, match="read index"):
+                await starved.node.read_index(within=1.0)
+            starved.node.message_filter = None
+            await cluster.wait_converged()
+
+
+async def test_writes_on_the_leader_wait_out_a_leadership_transfer(tmp_path: Path) -> None:
+    """While a transfer is in progress the leader refuses proposals; a write must retry (it
+    certainly did not happen), not fail with UnavailableError."""
+    with anyio.fail_after(30):
+        async with LocalCluster(tmp_path) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            target = next(m for m in cluster.members if m != leader.node.id)
+
+            def hold_transfer(msg: PeerMessage) -> bool:
+                return not isinstance(msg, TimeoutNow)  # the transfer never completes
+
+            leader.node.message_filter = hold_transfer
+            core = leader.node.core
+            assert core is not None
+            async with anyio.create_task_group() as tg:
+
+                async def transfer() -> None:
+                    with pytest.raises(OperationTimeoutError):
+                        await leader.node.transfer_leadership(target)
+
+                tg.start_soon(transfer)
+                await cluster.wait_for(lambda: core.lead_transferee is not None)
+                await leader.set_feature_flag("during-transfer", True)
+            leader.node.message_filter = None
+            state = await cluster.wait_converged()
+            assert state.feature_flags["during-transfer"] is True
