@@ -24,3 +24,14 @@ def test_coordination_node_example(mode: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "cluster is green: 6 active copies" in result.stdout
     assert "reindexing under lock with fencing token" in result.stdout
+
+
+def test_readme_quickstart_runs() -> None:
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "green"
+    assert "index_created logs" in result.stdout
