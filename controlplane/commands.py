@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 
-class _Command(msgspec.Struct, frozen=True, kw_only=True, tag=True, array_like=True):
+class _Command(msgspec.Struct, frozen=True, gc=False, kw_only=True, tag=True, array_like=True):
     time: float = 0.0
 
     def check(self) -> None:

@@ -76,7 +76,7 @@ class HealthStatus(enum.StrEnum):
     """Some primary is not started."""
 
 
-class NodeResources(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class NodeResources(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """Capacity a node reports about itself."""
 
     cpu_cores: int = 0
@@ -85,7 +85,7 @@ class NodeResources(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     disk_available_bytes: int = 0
 
 
-class Node(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Node(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """A member of the data system (not necessarily a Raft member)."""
 
     id: str
@@ -105,7 +105,7 @@ class Node(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
         return NodeRole.DATA in self.roles
 
 
-class IndexSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class IndexSettings(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """Settings of an index. ``number_of_shards`` is fixed at creation."""
 
     number_of_shards: int = 1
@@ -114,7 +114,7 @@ class IndexSettings(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     """Free-form settings the data system interprets (refresh interval, codec, ...)."""
 
 
-class ShardCopy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ShardCopy(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """One copy (primary or replica) of a shard and where it lives."""
 
     primary: bool
@@ -124,7 +124,7 @@ class ShardCopy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """While ``state`` is RELOCATING: the node the copy moves to."""
 
 
-class ShardRouting(msgspec.Struct, frozen=True, kw_only=True):
+class ShardRouting(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """All copies of one shard: exactly one primary and ``number_of_replicas`` replicas."""
 
     shard: int
@@ -141,7 +141,7 @@ class ShardRouting(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(c for c in self.copies if not c.primary)
 
 
-class Index(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class Index(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """An index: its settings, mappings and routing table."""
 
     name: str
@@ -152,7 +152,7 @@ class Index(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     updated_version: int = 0
 
 
-class Lock(msgspec.Struct, frozen=True, kw_only=True):
+class Lock(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """A held lock. ``token`` is a fencing token: it grows with every acquisition of the key.
 
     Pass the token to the resource the lock protects, and have it reject writes that carry a
@@ -178,7 +178,7 @@ def _hash64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-class HashRing(msgspec.Struct, frozen=True, kw_only=True):
+class HashRing(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """A consistent-hash ring: ``vnodes`` points per node, keys owned by the next points.
 
     Every node computes :meth:`owners` identically (BLAKE2b-64 of ``"<node>#<i>"`` and of the key).
@@ -210,7 +210,7 @@ class HashRing(msgspec.Struct, frozen=True, kw_only=True):
         return tuple(found)
 
 
-class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ClusterConfig(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """Cluster-wide configuration, replicated like everything else."""
 
     node_timeout: float = 10.0
@@ -225,7 +225,7 @@ class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     """State version of the last change (set by the control plane; used for compare-and-set)."""
 
 
-class ClusterState(msgspec.Struct, frozen=True, kw_only=True):
+class ClusterState(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """The whole cluster state at one ``version``. Taking it is O(1); it never changes."""
 
     version: int = 0
@@ -265,7 +265,7 @@ class EventKind(enum.StrEnum):
     """The whole state was replaced (import or restore): re-read it."""
 
 
-class ClusterEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ClusterEvent(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
     """One change to the cluster state. All events of one mutation share its ``version``.
 
     ``key`` names what changed (node id, index name, lock key, flag name; empty for the ring
@@ -286,7 +286,7 @@ class ClusterEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     enabled: bool | None = None
 
 
-class IndexHealth(msgspec.Struct, frozen=True, kw_only=True):
+class IndexHealth(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """Health of one index."""
 
     status: HealthStatus
@@ -297,7 +297,7 @@ class IndexHealth(msgspec.Struct, frozen=True, kw_only=True):
     unassigned_shards: int
 
 
-class ClusterHealth(msgspec.Struct, frozen=True, kw_only=True):
+class ClusterHealth(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """Cluster health with Elasticsearch's colours and counts."""
 
     status: HealthStatus
@@ -312,7 +312,7 @@ class ClusterHealth(msgspec.Struct, frozen=True, kw_only=True):
     indices: dict[str, IndexHealth] = {}
 
 
-class BackendHealth(msgspec.Struct, frozen=True, kw_only=True):
+class BackendHealth(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """Health of a backend instance (not of the data cluster): can it serve?"""
 
     healthy: bool

@@ -20,7 +20,7 @@ class EntryType(enum.IntEnum):
     """A membership change: ``data`` is an encoded :class:`ConfState` (the new configuration)."""
 
 
-class Entry(msgspec.Struct, frozen=True, array_like=True):
+class Entry(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """One Raft log entry."""
 
     index: int
@@ -29,7 +29,7 @@ class Entry(msgspec.Struct, frozen=True, array_like=True):
     data: bytes = b""
 
 
-class HardState(msgspec.Struct, frozen=True, array_like=True):
+class HardState(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """State that must be durable before any message that depends on it is sent."""
 
     term: int = 0
@@ -37,14 +37,14 @@ class HardState(msgspec.Struct, frozen=True, array_like=True):
     commit: int = 0
 
 
-class ConfState(msgspec.Struct, frozen=True, array_like=True):
+class ConfState(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """A cluster membership configuration: voting members and non-voting learners."""
 
     voters: tuple[str, ...] = ()
     learners: tuple[str, ...] = ()
 
 
-class SnapshotMeta(msgspec.Struct, frozen=True, array_like=True):
+class SnapshotMeta(msgspec.Struct, frozen=True, gc=False, array_like=True):
     """What a snapshot covers: every entry up to and including ``index``."""
 
     index: int = 0
