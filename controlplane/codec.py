@@ -22,6 +22,7 @@ __all__ = [
     "enc_hook",
     "encode_command",
     "encode_state",
+    "encode_value",
     "state_from_json",
     "state_to_json",
 ]
@@ -88,3 +89,8 @@ def state_from_json(data: bytes | str) -> ClusterState:
         return _state_json_decoder.decode(data)
     except (msgspec.DecodeError, ValueError, TypeError) as exc:
         raise InvalidRequestError(f"malformed cluster state JSON: {exc}") from None
+
+
+def encode_value(value: Any) -> bytes:
+    """Encode a command's result (a node, index, lock, ...) for a client; ``None`` too."""
+    return _msgpack_encoder.encode(value)

@@ -27,6 +27,7 @@ from .validation import (
 __all__ = [
     "AcquireLock",
     "AllocateShard",
+    "ClientCommand",
     "Command",
     "CreateIndex",
     "DeallocateShard",
@@ -270,6 +271,29 @@ class RestoreState(_Command, frozen=True):
     state: ClusterState
 
 
+class ClientCommand(_Command, frozen=True):
+    """``command`` sent by network client ``client_id`` as its request ``seq``.
+
+    Applied at most once however often it is retried: a repeat returns the recorded result.
+    ``ack``: the client received the results of every request up to this one.
+    """
+
+    client_id: str
+    seq: int
+    command: Command
+    ack: int = 0
+
+    def check(self) -> None:
+        check_holder(self.client_id)
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 1:
+            raise InvalidRequestError(f"request seq must be a positive integer, got {self.seq!r}")
+        if not 0 <= self.ack < self.seq:
+            raise InvalidRequestError(f"ack must be from 0 to seq - 1, got {self.ack!r}")
+        if isinstance(self.command, ClientCommand):
+            raise InvalidRequestError("a client command cannot wrap another one")
+        self.command.check()
+
+
 Command = (
     RegisterNode
     | UnregisterNode
@@ -289,6 +313,7 @@ Command = (
     | SetClusterConfig
     | SetFeatureFlag
     | RestoreState
+    | ClientCommand
 )
 
 

@@ -19,9 +19,11 @@ import immutables
 import msgspec
 
 from .allocator import Placement, ShardKey, eligible
+from .codec import encode_value
 from .commands import (
     AcquireLock,
     AllocateShard,
+    ClientCommand,
     Command,
     CreateIndex,
     DeallocateShard,
@@ -51,6 +53,7 @@ from .errors import (
     NotFoundError,
 )
 from .types import (
+    ClientSession,
     ClusterEvent,
     ClusterState,
     EventKind,
@@ -58,6 +61,7 @@ from .types import (
     Lock,
     Node,
     NodeStatus,
+    SessionResult,
     ShardCopy,
     ShardRouting,
     ShardState,
@@ -121,8 +125,12 @@ class StateMachine:
             SetClusterConfig: self._set_cluster_config,
             SetFeatureFlag: self._set_feature_flag,
             RestoreState: self._restore_state,
+            ClientCommand: self._client_command,
         }
         self._load(state or ClusterState())
+
+    MAX_SESSION_RESULTS = 4096
+    """Unacknowledged results kept per client; older ones are dropped (and refused)."""
 
     @property
     def state(self) -> ClusterState:
@@ -173,6 +181,8 @@ class StateMachine:
             (lock.expires_at, lock.key, lock.token) for lock in state.locks.values()
         ]
         heapq.heapify(self._expiry)
+        self._session_expiry = [(s.last_seen, s.client_id) for s in state.sessions.values()]
+        heapq.heapify(self._session_expiry)
 
     def _emit(self, kind: EventKind, key: str = "", **fields: Any) -> None:
         self._events.append(ClusterEvent(version=self._version, kind=kind, key=key, **fields))
@@ -624,6 +634,51 @@ class StateMachine:
             self._emit(EventKind.LOCK_EXPIRED, key, lock=lock)
             expired.append(key)
         return tuple(expired)
+
+    # --- client sessions --------------------------------------------------------------------
+
+    def _client_command(self, cmd: ClientCommand) -> SessionResult:
+        sessions = self._get("sessions")
+        session: ClientSession = sessions.get(cmd.client_id) or ClientSession(
+            client_id=cmd.client_id
+        )
+        if cmd.seq <= session.acked:
+            raise ConflictError(
+                f"request {cmd.seq} of client {cmd.client_id!r} was already acknowledged; "
+                "its result is no longer kept"
+            )
+        recorded = session.results.get(cmd.seq)
+        if recorded is not None:
+            return recorded  # a retry: the recorded result, nothing is applied again
+        value = self._handlers[type(cmd.command)](cmd.command)
+        if not self._events:  # it changed nothing: there is nothing to apply twice
+            return SessionResult(version=self._state.version, value=encode_value(value))
+        result = SessionResult(version=self._version, value=encode_value(value))
+        results = {seq: r for seq, r in session.results.items() if seq > cmd.ack}
+        results[cmd.seq] = result
+        acked = max(session.acked, cmd.ack)
+        while len(results) > self.MAX_SESSION_RESULTS:
+            acked = min(results)
+            del results[acked]
+        session = ClientSession(
+            client_id=cmd.client_id, acked=acked, results=results, last_seen=self._now
+        )
+        self._changes["sessions"] = sessions.set(cmd.client_id, session)
+        heapq.heappush(self._session_expiry, (self._now, cmd.client_id))
+        self._expire_sessions()
+        return result
+
+    def _expire_sessions(self, limit: int = 64) -> None:
+        """Drop up to ``limit`` sessions idle for longer than ``config.session_ttl``."""
+        deadline = self._now - self._get("config").session_ttl
+        heap = self._session_expiry
+        while heap and heap[0][0] < deadline and limit > 0:
+            last_seen, client_id = heapq.heappop(heap)
+            sessions = self._get("sessions")
+            session = sessions.get(client_id)
+            if session is not None and session.last_seen == last_seen:
+                self._changes["sessions"] = sessions.delete(client_id)
+                limit -= 1
 
     # --- ring, configuration, flags, restore ---------------------------------------------------
 

@@ -17,6 +17,7 @@ import msgspec
 
 __all__ = [
     "BackendHealth",
+    "ClientSession",
     "ClusterConfig",
     "ClusterEvent",
     "ClusterHealth",
@@ -32,6 +33,7 @@ __all__ = [
     "NodeResources",
     "NodeRole",
     "NodeStatus",
+    "SessionResult",
     "ShardCopy",
     "ShardRouting",
     "ShardState",
@@ -221,8 +223,32 @@ class ClusterConfig(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_de
     """Whether the control plane places unassigned shard copies by itself."""
     settings: dict[str, str | int | float | bool] = {}
     """Free-form settings of the data system."""
+    session_ttl: float = 3600.0
+    """Seconds after its last write that a client's retry-deduplication session is dropped."""
     version: int = 0
     """State version of the last change (set by the control plane; used for compare-and-set)."""
+
+
+class SessionResult(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=True):
+    """The recorded outcome of one client request, returned again if the request is retried."""
+
+    version: int
+    value: bytes = b""
+    """The command's value, msgpack-encoded (see ``controlplane.codec.encode_value``)."""
+
+
+class ClientSession(msgspec.Struct, frozen=True, gc=False, kw_only=True):
+    """A client's recent writes, so that a retried request is applied at most once.
+
+    ``results`` holds the outcome of each request the client has not yet acknowledged
+    receiving; every sequence number up to ``acked`` has been acknowledged and is refused.
+    """
+
+    client_id: str
+    acked: int = 0
+    results: dict[int, SessionResult] = {}
+    last_seen: float = 0.0
+    """Replicated time of the client's last write."""
 
 
 class ClusterState(msgspec.Struct, frozen=True, gc=False, kw_only=True):
@@ -237,6 +263,8 @@ class ClusterState(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     hash_ring: HashRing = HashRing()
     config: ClusterConfig = ClusterConfig()
     feature_flags: immutables.Map[str, bool] = immutables.Map()
+    sessions: immutables.Map[str, ClientSession] = immutables.Map()
+    """Retry-deduplication sessions of network clients (internal bookkeeping)."""
 
 
 class EventKind(enum.StrEnum):
