@@ -46,7 +46,12 @@ async def main() -> None:
     parser.add_argument("--mode", default="memory", choices=["memory", "raft"])
     parser.add_argument("--data-dir", default="./example-data")
     args = parser.parse_args()
-    overrides = {"raft__data_dir": args.data_dir, "raft__listen_port": 0}
+    overrides = {
+        "raft__data_dir": args.data_dir,
+        "raft__listen_port": 0,
+        "raft__client_port": 0,
+        "raft__http_port": 0,
+    }
     async with await open_control_plane(mode=args.mode, **overrides) as cp:
         nodes = [
             asyncio.create_task(run_data_node(cp, f"data-{i}", zone, seconds=3.0))

@@ -65,7 +65,12 @@ async def main() -> None:
     parser.add_argument("--data-dir", default="./example-data")
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
-    overrides = {"raft__data_dir": args.data_dir, "raft__listen_port": 0}
+    overrides = {
+        "raft__data_dir": args.data_dir,
+        "raft__listen_port": 0,
+        "raft__client_port": 0,
+        "raft__http_port": 0,
+    }
     async with await open_control_plane(mode=args.mode, **overrides) as cp:
         await run(cp, args.node_id, args.zone, args.seconds)
 

@@ -70,7 +70,11 @@ async def test_memory_from_overrides_and_environment(monkeypatch: pytest.MonkeyP
 async def test_raft_opens_a_single_member(tmp_path: Path) -> None:
     with anyio.fail_after(30):
         async with await open_control_plane(
-            mode="raft", raft__data_dir=str(tmp_path), raft__listen_port=0
+            mode="raft",
+            raft__data_dir=str(tmp_path),
+            raft__listen_port=0,
+            raft__client_port=0,
+            raft__http_port=0,
         ) as cp:
             assert isinstance(cp, ControlPlane)
             index = await cp.create_index("logs")
@@ -91,7 +95,13 @@ async def test_k8s_not_available_yet() -> None:
 async def test_auto_outside_a_pod_is_raft(tmp_path: Path) -> None:
     with anyio.fail_after(30):
         config = Config(mode="auto")
-        cp = await open_control_plane(config, raft__data_dir=str(tmp_path), raft__listen_port=0)
+        cp = await open_control_plane(
+            config,
+            raft__data_dir=str(tmp_path),
+            raft__listen_port=0,
+            raft__client_port=0,
+            raft__http_port=0,
+        )
         try:
             assert (await cp.health()).backend == "raft"
         finally:

@@ -11,12 +11,14 @@ from collections.abc import Callable
 import pytest
 
 from controlplane.testing import BackendHarness, MemoryHarness
+from controlplane.testing.client_harness import RaftClientHarness
 from controlplane.testing.raft_harness import RaftHarness
 
 HARNESSES: dict[str, Callable[[], BackendHarness]] = {
     "memory": MemoryHarness,
     "raft-single": lambda: RaftHarness(members=1),
     "raft-3-in-process": lambda: RaftHarness(members=3),
+    "raft-client-3-in-process": lambda: RaftClientHarness(members=3),
 }
 
 

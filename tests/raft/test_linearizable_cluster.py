@@ -68,7 +68,8 @@ def _no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 class Workload:
-    """The clients' shared bookkeeping: the history and what is known about the locks."""
+    """The clients' shared bookkeeping: the history, the reads left out of it, the
+    acknowledged writes of unique keys."""
 
     def __init__(self, cluster: LocalCluster) -> None:
         self.cluster = cluster
@@ -243,7 +244,7 @@ async def test_histories_under_partitions_and_restarts_are_linearizable(
             operations = work.operations()
             completed = [op for op in operations if not op.pending]
             assert len(completed) > 300, (len(completed), work.stats)
-            assert len(faults) >= 5, faults
+            assert len(faults) >= 3, faults
 
             started = time.monotonic()
             result = await asyncio.to_thread(check, operations, KVModel(), 60)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import socket
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,9 @@ import pytest
 from controlplane.backends.raft.backend import ControlPlaneFsm, RaftControlPlane
 from controlplane.backends.raft.core import ConfChangeType
 from controlplane.backends.raft.hardstate import IdentityMismatchError
-from controlplane.backends.raft.node import NodeOptions, PeerMessage, RaftNode
-from controlplane.backends.raft.records import ConfState
+from controlplane.backends.raft.messages import InstallSnapshot
+from controlplane.backends.raft.node import NodeOptions, PeerMessage, RaftNode, SnapshotChunk
+from controlplane.backends.raft.records import ConfState, SnapshotMeta
 from controlplane.backends.raft.storage import DiskStorage
 from controlplane.config import Config, RaftConfig
 from controlplane.errors import (
@@ -53,9 +55,9 @@ def _no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 def single(data_dir: Path, **raft: Any) -> Config:
-    """A single-member configuration (no peers) with fast timing."""
-    settings = {**FAST, **raft}
-    return Config(mode="raft", raft=RaftConfig(data_dir=str(data_dir), listen_port=0, **settings))
+    """A single-member configuration (no peers) with fast timing, on ports picked by the OS."""
+    settings = {**FAST, "listen_port": 0, "client_port": 0, "http_port": 0, **raft}
+    return Config(mode="raft", raft=RaftConfig(data_dir=str(data_dir), **settings))
 
 
 def digest(directory: Path) -> dict[str, object]:
@@ -199,6 +201,29 @@ async def test_consistent_reads_see_every_completed_write(tmp_path: Path) -> Non
             assert health.healthy and health.role == "leader" and health.leader == "cp-1"
 
 
+async def test_a_start_that_failed_can_be_retried(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = single(tmp_path / "d", listen_port=port)
+        cp = RaftControlPlane(config)
+        with anyio.fail_after(20):
+            with pytest.raises(OSError):
+                await cp.start()
+            assert not (await cp.health()).healthy
+            # A second attempt really tries again (it used to return at once, "started").
+            with pytest.raises(OSError):
+                await cp.start()
+            with pytest.raises(ClosedError):
+                await cp.set_feature_flag("x", True)
+            await cp.stop()
+    with anyio.fail_after(20):
+        async with RaftControlPlane(config) as cp:  # the port is free now
+            await cp.wait_ready(10)
+            await cp.set_feature_flag("x", True)
+
+
 # --- the driver on its own ---------------------------------------------------------------------
 
 
@@ -260,6 +285,7 @@ async def test_a_failed_fsync_stops_the_member_and_stop_still_releases_everythin
             with pytest.raises(StorageError):
                 await node.propose(b"b=2")
             assert node.failure is not None and "injected" in str(node.failure)
+            assert not node.is_leader and node.leader_id is None  # it leads no more
             # Fail-stop: later requests are refused at once, the peer port is closed.
             with pytest.raises(UnavailableError, match="stopped after a failure"):
                 await node.propose(b"c=3")
@@ -334,6 +360,43 @@ async def test_the_message_filter_sees_every_message_both_ways(tmp_path: Path) -
         finally:
             for node in nodes:
                 await node.stop(transfer=False)
+
+
+async def test_a_snapshot_arriving_right_after_another_does_not_lose_the_first(
+    tmp_path: Path,
+) -> None:
+    """The leader streamed snapshot A and its InstallSnapshot, then (after taking a newer
+    snapshot) the data of B, and all of it reached the follower's loop at once. The follower
+    stepped A into its core and then replaced A's data by B's, so that installing A found no
+    data and the member stopped ("never arrived")."""
+    storage = DiskStorage(tmp_path / "n2")
+    storage.write_identity("c", "n2", ConfState(voters=("n1", "n2")))
+    fsm = KV()
+    node = RaftNode("n2", "c", storage, fsm, options=NodeOptions(**FAST))
+    conf = ConfState(voters=("n1", "n2"))
+
+    def stream(meta: SnapshotMeta, state: dict[str, str]) -> SnapshotChunk:
+        data = msgspec.msgpack.encode(state)
+        return SnapshotChunk(1, "n1", "n2", meta, 0, data, True, zlib.crc32(data))
+
+    a, b = SnapshotMeta(10, 1, conf), SnapshotMeta(20, 1, conf)
+    with anyio.fail_after(10):
+        await node.start()
+        try:
+            # What the transport delivers in one go (no await in between: one batch).
+            node._receive(stream(a, {"k": "a"}))
+            node._receive(InstallSnapshot(1, "n1", "n2", a))
+            node._receive(stream(b, {"k": "b"}))
+            await wait_until(lambda: node.applied_index >= 10 or node.failure is not None)
+            assert node.failure is None
+            assert node.applied_index == 10 and fsm.data == {"k": "a"}
+            assert node.snapshots_installed == 1
+            # B, once the leader sends its InstallSnapshot, is installed as well.
+            node._receive(InstallSnapshot(1, "n1", "n2", b))
+            await wait_until(lambda: node.applied_index >= 20 or node.failure is not None)
+            assert node.failure is None and fsm.data == {"k": "b"}
+        finally:
+            await node.stop()
 
 
 async def test_operator_calls_translate_errors(tmp_path: Path) -> None:

@@ -31,9 +31,12 @@ from ...types import BackendHealth, ClusterState, EventKind, NodeStatus
 from ...validation import check_name
 from ...watch import EventStream, WatchHub
 from ..base import CommandBackend
+from .commandlog import CommandLog
 from .hardstate import FsyncFn, IdentityMismatchError, load_identity
 from .node import NodeOptions, RaftNode
+from .ops_http import OpsServer
 from .records import ConfState
+from .service import ClientService
 from .storage import DiskStorage
 from .tls import client_context, server_context
 
@@ -49,6 +52,8 @@ class ControlPlaneFsm:
     def __init__(self, hub: WatchHub) -> None:
         self.machine = StateMachine()
         self.hub = hub
+        self.commands = CommandLog(hub.retention)
+        """The recent state-changing commands, streamed to network clients' replicas."""
         self.on_applied: Callable[[c.Command], None] | None = None
         """Called after each command applied without error (soft-state bookkeeping)."""
 
@@ -62,6 +67,7 @@ class ControlPlaneFsm:
         outcome = self.machine.apply(command)
         if outcome.events:
             self.hub.publish(outcome.version, outcome.events)
+            self.commands.append(outcome.version, data)
         if outcome.error is None and self.on_applied is not None:
             self.on_applied(command)
         return outcome
@@ -75,6 +81,7 @@ class ControlPlaneFsm:
         """Replace the state with a snapshot's; watchers behind it get ``CompactedError``."""
         state = decode_state(data)
         self.machine = StateMachine(state)
+        self.commands.reset(state.version)
         if state.version > self.hub.head:
             self.hub.reset(state.version)
 
@@ -102,10 +109,17 @@ class RaftControlPlane(CommandBackend):
         self._hub = WatchHub(self.config.watch_retention)
         self._fsm = ControlPlaneFsm(self._hub)
         self._liveness = Liveness(self._clock())
-        self._fsm.on_applied = lambda cmd: track_liveness(self._liveness, cmd, self._clock())
+        self._fsm.on_applied = lambda cmd: track_liveness(
+            # A network client's write arrives wrapped in its session (ClientCommand).
+            self._liveness,
+            cmd.command if isinstance(cmd, c.ClientCommand) else cmd,
+            self._clock(),
+        )
         self._node: RaftNode | None = None
         self._duties: asyncio.Task[None] | None = None
         self._stopped = False
+        self._ops: OpsServer | None = None
+        self._service: ClientService | None = None
 
     @property
     def node(self) -> RaftNode:
@@ -113,6 +127,25 @@ class RaftControlPlane(CommandBackend):
         if self._node is None:
             raise ClosedError("the raft backend is not started")
         return self._node
+
+    @property
+    def fsm(self) -> ControlPlaneFsm:
+        """The replicated state machine (read it; only the Raft node applies to it)."""
+        return self._fsm
+
+    @property
+    def client_address(self) -> tuple[str, int] | None:
+        """Where the client API is served (the port picked when ``raft.client_port`` is 0);
+        None when not serving."""
+        service = self._service
+        return service.address if service is not None else None
+
+    @property
+    def http_address(self) -> tuple[str, int] | None:
+        """Where ``/healthz``, ``/readyz``, ``/metrics`` and ``/v1/state`` are served (the port
+        picked when ``raft.http_port`` is 0); None when not serving."""
+        ops = self._ops
+        return (ops.host, ops.port) if ops is not None and ops.serving else None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -147,11 +180,26 @@ class RaftControlPlane(CommandBackend):
             on_role_change=self._role_changed,
             on_notice=self._heartbeats_received,
         )
+        ops = OpsServer(self, raft.http_host, raft.http_port)
+        service = ClientService(
+            self,
+            raft.client_host,
+            raft.client_port,
+            ssl_context=server_context(tls) if tls else None,
+            max_frame_bytes=raft.max_frame_bytes,
+        )
         try:
             await self._node.start()
+            await ops.start()
+            await service.start()
         except BaseException:
-            await self._node.stop(transfer=False)
+            node, self._node = self._node, None  # not started: start() may be tried again
+            await node.stop(transfer=False)
+            await ops.close()
+            await service.close()
             raise
+        self._ops = ops
+        self._service = service
         self._duties = asyncio.get_running_loop().create_task(
             self._duties_loop(), name=f"raft-duties-{raft.node_id}"
         )
@@ -172,6 +220,10 @@ class RaftControlPlane(CommandBackend):
         if self._stopped:
             return
         self._stopped = True
+        if self._service is not None:  # first: clients move to other members meanwhile
+            await self._service.close()
+        if self._ops is not None:
+            await self._ops.close()
         if self._duties is not None:
             self._duties.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -38,6 +38,7 @@ from ...errors import (
     StorageError,
     UnavailableError,
 )
+from ...metrics import NodeMetrics, timed
 from .core import (
     Busy,
     ConfChangeType,
@@ -229,6 +230,8 @@ class RaftNode:
         self._read_ids = itertools.count(1)
         self._incoming: dict[str, tuple[SnapshotMeta, bytearray]] = {}
         self._ready_snapshots: dict[str, tuple[SnapshotMeta, bytes]] = {}
+        self._installing: tuple[SnapshotMeta, bytes] | None = None
+        """The data of the snapshot the core accepted and will ask to install."""
         self._sending_snapshot: set[str] = set()
         self._snapshot_index = 0
         self._snapshot_running = False
@@ -251,6 +254,8 @@ class RaftNode:
         """How many snapshots streamed from a leader this member installed."""
         self.snapshots_sent = 0
         """How many snapshots this member streamed to a follower to completion."""
+        self.metrics = NodeMetrics()
+        """Latencies and counts recorded as the member runs (see ``ops_http``)."""
 
     # --- state -----------------------------------------------------------------------------
 
@@ -333,7 +338,8 @@ class RaftNode:
             and len(self.conf.voters) > 1
         ):
             with contextlib.suppress(ControlPlaneError, TimeoutError, RaftError):
-                await asyncio.wait_for(self._transfer_away(), self.options.election_timeout * 2)
+                async with asyncio.timeout(self.options.election_timeout * 2):
+                    await self._transfer_away()
         self._stopping = True
         self._wake.set()
         if self._main is not None:
@@ -346,6 +352,7 @@ class RaftNode:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.transport.close()
+        self._set_soft_state(None, Role.FOLLOWER)
         self._fail_all(ClosedError("the Raft member was stopped"))
         await asyncio.get_running_loop().run_in_executor(self._executor, self._storage.close)
         self._executor.shutdown(wait=True)
@@ -371,6 +378,7 @@ class RaftNode:
         Raises ``OperationTimeoutError`` when the deadline passes (the entry may or may not
         have been committed), ``UnavailableError`` when no leader can be found in time.
         """
+        started = time.monotonic()
         deadline = time.monotonic() + (within or self.options.request_timeout)
         while True:
             self._check_running()
@@ -378,7 +386,14 @@ class RaftNode:
             if remaining <= 0:
                 raise OperationTimeoutError("the proposal did not complete in time")
             try:
-                return await asyncio.wait_for(self._propose_once(data), remaining)
+                # asyncio.timeout, never wait_for, around the waits of this class: 3.11's
+                # wait_for runs a coroutine in a task of its own, whose exception is lost
+                # (and logged) when a cancellation meets a reply; on a future it may return
+                # the result and swallow the cancellation.
+                async with asyncio.timeout(remaining):
+                    result = await self._propose_once(data)
+                self.metrics.proposal_seconds.observe(time.monotonic() - started)
+                return result
             except TimeoutError:
                 raise OperationTimeoutError(
                     "the proposal did not complete in time; it may or may not have taken effect"
@@ -402,9 +417,12 @@ class RaftNode:
         self._forwarded[request] = reply
         try:
             self._send(leader, ForwardProposal(self.term, self.id, leader, request, data))
-            index, term = await asyncio.wait_for(reply, self.options.request_timeout)
+            async with asyncio.timeout(self.options.request_timeout):
+                index, term = await reply
         except TimeoutError:
             raise _unknown_outcome("the leader did not answer a forwarded proposal") from None
+        except _LeaderChanged:
+            raise _unknown_outcome("the leader changed before it answered") from None
         finally:
             self._forwarded.pop(request, None)
         return await self._wait_applied(index, term)
@@ -439,16 +457,16 @@ class RaftNode:
                 raise OperationTimeoutError("the linearizable read did not complete in time")
             if self._leader is None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_for_leader(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._wait_for_leader()
                 continue
             ctx = next(self._read_ids).to_bytes(8, "big")
             future: asyncio.Future[int] = loop.create_future()
             self._reads.append((ctx, future))
             self._wake.set()
             try:
-                index = await asyncio.wait_for(
-                    future, min(remaining, self.options.election_timeout)
-                )
+                async with asyncio.timeout(min(remaining, self.options.election_timeout)):
+                    index = await future
             except TimeoutError:
                 continue
             except _Retry:
@@ -458,9 +476,8 @@ class RaftNode:
                 self._read_waiters.pop(ctx, None)
             try:
                 # Bounded too: a member cut off right after the leader answered never applies.
-                await asyncio.wait_for(
-                    self._until_applied(index), max(0.0, deadline - time.monotonic())
-                )
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    await self._until_applied(index)
             except TimeoutError:
                 raise OperationTimeoutError(
                     f"the linearizable read did not complete in time: this member has not "
@@ -490,7 +507,8 @@ class RaftNode:
                 raise OperationTimeoutError("the leader did not acknowledge in time")
             if self._leader is None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wait_for_leader(), remaining)
+                    async with asyncio.timeout(remaining):
+                        await self._wait_for_leader()
                 continue
             leader = self._leader
             if leader == self.id:
@@ -502,7 +520,8 @@ class RaftNode:
             self._forwarded[request] = ack
             try:
                 self._send(leader, LeaderNotice(self.term, self.id, leader, payload, request))
-                await asyncio.wait_for(ack, min(remaining, self.options.election_timeout))
+                async with asyncio.timeout(min(remaining, self.options.election_timeout)):
+                    await ack
                 return
             except (TimeoutError, _Retry):
                 continue  # lost, or that member no longer leads: look again
@@ -524,9 +543,8 @@ class RaftNode:
             raise InvalidRequestError(str(exc)) from exc
         self._wake.set()
         try:
-            await asyncio.wait_for(
-                self._wait_applied(index, core.term), self.options.request_timeout
-            )
+            async with asyncio.timeout(self.options.request_timeout):
+                await self._wait_applied(index, core.term)
         except TimeoutError:
             raise _unknown_outcome("the membership change did not complete in time") from None
         except _Retry:
@@ -542,13 +560,15 @@ class RaftNode:
         within = self.options.election_timeout * 2
         try:
             if to is None:
-                await asyncio.wait_for(self._transfer_away(), within)
+                async with asyncio.timeout(within):
+                    await self._transfer_away()
                 return
             core.transfer_leadership(to)
             self._wake.set()
             while self._leader == self.id:
                 self._leader_changed.clear()
-                await asyncio.wait_for(self._leader_changed.wait(), within)
+                async with asyncio.timeout(within):
+                    await self._leader_changed.wait()
         except InvalidRequest as exc:
             raise InvalidRequestError(str(exc)) from exc
         except NotLeader as exc:
@@ -603,8 +623,9 @@ class RaftNode:
             self._fail_stop(exc)
         if self._failure is not None:
             # Fail-stop: drop the connections, so that peers see this member as down at once
-            # (and nothing queues up for it); stop() releases the rest.
-            await self.transport.close()
+            # (and nothing queues up for it); stop() releases the rest. Shielded: a stop()
+            # that cancels this task waits for the same close to finish.
+            await asyncio.shield(self.transport.close())
 
     def _fail_stop(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -615,6 +636,7 @@ class RaftNode:
             self._failure = exc
         self._stopping = True
         self._wake.set()
+        self._set_soft_state(None, Role.FOLLOWER)  # it leads no more, whatever the core says
         self._fail_all(
             exc
             if isinstance(exc, ControlPlaneError)
@@ -687,6 +709,10 @@ class RaftNode:
             ready = self._ready_snapshots.get(msg.src)
             if ready is not None and ready[0] == msg.meta:
                 core.step(msg)
+                if core.log.snapshot == msg.meta:
+                    # Accepted: keep its data with it, out of the reach of a newer stream
+                    # from the same leader that may complete before the core asks for it.
+                    self._installing = self._ready_snapshots.pop(msg.src)
             else:
                 _log.warning(
                     "member %s: InstallSnapshot from %s without its data", self.id, msg.src
@@ -716,7 +742,8 @@ class RaftNode:
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
         if rd.entries or rd.must_sync:
-            await self._in_thread(self._storage.save, rd.hard_state, rd.entries)
+            took = await self._in_thread(timed, self._storage.save, rd.hard_state, rd.entries)
+            self.metrics.fsync_seconds.observe(took)
         for msg in rd.messages:
             if isinstance(msg, InstallSnapshot):
                 self._start_snapshot_send(core, msg)
@@ -731,6 +758,16 @@ class RaftNode:
 
     def _set_soft_state(self, leader: str | None, role: Role) -> None:
         changed = leader != self._leader or role is not self._role
+        if leader is not None and leader != self._leader:
+            self.metrics.leader_changes.inc()
+        if leader != self._leader and self._forwarded:
+            # The member requests were forwarded to no longer leads. If it is alive it still
+            # answers (refused, or the index it gave the entry); if it crashed it never will:
+            # give it one election timeout, then fail them rather than wait for their deadline.
+            pending = [f for f in self._forwarded.values() if not f.done()]
+            asyncio.get_running_loop().call_later(
+                self.options.election_timeout, _fail_pending, pending
+            )
         self._leader = leader
         self._role = role
         if changed:
@@ -792,25 +829,45 @@ class RaftNode:
     async def _save_snapshot(self, meta: SnapshotMeta, serialize: Callable[[], bytes]) -> None:
         try:
             data = await asyncio.to_thread(serialize)
-            await self._in_thread(self._storage.save_snapshot, meta, data)
-            await self._in_thread(self._storage.compact, meta.index)
-            self._snapshot_index = meta.index
-            _log.info("member %s: snapshot at %d (%d bytes)", self.id, meta.index, len(data))
-        except Exception as exc:  # the core already counts on this snapshot: stop
+            if await self._in_thread(self._store_snapshot, meta, data):
+                self._snapshot_index = max(self._snapshot_index, meta.index)
+                self.metrics.snapshots_taken.inc()
+                self.metrics.snapshot_bytes.set(len(data))
+                _log.info("member %s: snapshot at %d (%d bytes)", self.id, meta.index, len(data))
+            else:
+                _log.info(
+                    "member %s: snapshot at %d dropped: a newer one from the leader was "
+                    "installed while it was being taken",
+                    self.id,
+                    meta.index,
+                )
+        except StorageError as exc:
             self._fail_stop(exc)
+        except Exception:  # a bug: keep the log (the next threshold tries again)
+            _log.exception("member %s: taking a snapshot at %d failed", self.id, meta.index)
         finally:
             self._snapshot_running = False
 
+    def _store_snapshot(self, meta: SnapshotMeta, data: bytes) -> bool:
+        # On the storage thread, so that no install_snapshot() can come in between.
+        if meta.index <= self._storage.snapshot_meta().index:
+            return False
+        self._storage.save_snapshot(meta, data)
+        self._storage.compact(meta.index)
+        return True
+
     async def _install_snapshot(self, meta: SnapshotMeta) -> None:
-        source = next((s for s, (m, _) in self._ready_snapshots.items() if m == meta), None)
-        if source is None:
+        if self._installing is None or self._installing[0] != meta:
             raise StorageError(f"the core asked to install snapshot {meta} that never arrived")
-        _, data = self._ready_snapshots.pop(source)
+        _, data = self._installing
+        self._installing = None
+        source = self._leader
         await self._in_thread(self._storage.install_snapshot, meta, data)
         self._fsm.restore(data)
         self._applied = meta.index
         self._snapshot_index = meta.index
         self.snapshots_installed += 1
+        self.metrics.snapshot_bytes.set(len(data))
         _log.info("member %s: installed snapshot at %d from %s", self.id, meta.index, source)
         for index in [i for i in self._waiters if i <= meta.index]:
             waiter = self._waiters.pop(index)
@@ -915,6 +972,16 @@ class RaftNode:
 
 class _Retry(Exception):
     """Internal: the attempt certainly did not take effect; it is safe to try again."""
+
+
+class _LeaderChanged(_Retry):
+    """Internal: the member a request was forwarded to stopped leading before it answered."""
+
+
+def _fail_pending(futures: list[asyncio.Future[tuple[int, int]]]) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_exception(_LeaderChanged())
 
 
 def _unknown_outcome(why: str) -> OperationTimeoutError:

@@ -1,0 +1,1 @@
+"""Tests that run real ``controlplane serve`` processes on loopback, under faults."""
