@@ -56,7 +56,10 @@ class RaftHarness(HarnessBase):
         return self.clock()
 
     @asynccontextmanager
-    async def _open_cm(self, watch_retention: int | None) -> AsyncIterator[ControlPlane]:
+    async def cluster(
+        self, watch_retention: int | None = None
+    ) -> AsyncIterator[list[RaftControlPlane]]:
+        """Started, ready members of a fresh cluster; stopped and removed on exit."""
         from ..backends.raft.backend import (  # noqa: PLC0415 (optional backend)
             RaftControlPlane,
             local_cluster_configs,
@@ -73,9 +76,8 @@ class RaftHarness(HarnessBase):
             with anyio.fail_after(self.timeout):
                 for cp in cluster:
                     await cp.wait_ready()
-            target = next((cp for cp in cluster if not cp.node.is_leader), cluster[0])
             self._open.extend(cluster)
-            yield target
+            yield cluster
         finally:
             for cp in cluster:
                 with contextlib.suppress(ValueError):
@@ -83,6 +85,11 @@ class RaftHarness(HarnessBase):
             for cp in cluster:
                 await cp.stop()
             shutil.rmtree(base, ignore_errors=True)
+
+    @asynccontextmanager
+    async def _open_cm(self, watch_retention: int | None) -> AsyncIterator[ControlPlane]:
+        async with self.cluster(watch_retention) as cluster:
+            yield next((cp for cp in cluster if not cp.node.is_leader), cluster[0])
 
     def open(
         self, *, watch_retention: int | None = None

@@ -24,6 +24,7 @@ import logging
 import random
 import ssl
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -290,6 +291,7 @@ class RaftClient(CommandBackend):
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._stopped = False
+        self._opened: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
 
     # --- what the client is connected to ------------------------------------------------------
 
@@ -362,6 +364,9 @@ class RaftClient(CommandBackend):
         self._hub.close()
         self._notify()
         self._advance()
+        for writer in list(self._opened):  # whatever a cancelled task left open
+            if not writer.transport.is_closing():
+                writer.transport.abort()
 
     async def health(self) -> BackendHealth:
         """Healthy while connected to a member and the replica is subscribed."""
@@ -688,6 +693,7 @@ class RaftClient(CommandBackend):
         try:
             async with asyncio.timeout(self._connect_timeout):
                 reader, writer = await asyncio.open_connection(host, port, ssl=self._ssl)
+                self._opened.add(writer)
                 hello = ClientHello(
                     protocol=PROTOCOL_NAME,
                     version=PROTOCOL_VERSION,

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import weakref
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -132,6 +133,7 @@ class ClientService:
         self._address: tuple[str, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._unserved: set[asyncio.StreamWriter] = set()
+        self._accepted: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self._closing = False
 
     @property
@@ -178,7 +180,7 @@ class ClientService:
             for task in tasks:
                 task.cancel()
             await asyncio.wait(tasks)
-        for writer in self._unserved:
+        for writer in [*self._unserved, *self._accepted]:  # whatever a cancelled task left
             writer.transport.abort()
         self._unserved.clear()
         if self._server is not None:
@@ -213,6 +215,7 @@ class ClientService:
                 writer.transport.abort()
             return
         self._unserved.add(writer)
+        self._accepted.add(writer)
         task = asyncio.get_running_loop().create_task(
             self._serve(reader, writer), name=f"client-service-{_peername(writer)}"
         )
