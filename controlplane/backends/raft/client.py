@@ -67,7 +67,9 @@ from .framing import (
     FrameReader,
     FrameTooLargeError,
     check_max_frame_size,
+    close_writer,
     decode_frame,
+    describe_error,
     encode_message_frame,
     read_frame,
 )
@@ -188,7 +190,7 @@ class _Link:
             try:
                 await self.writer.drain()
             except OSError as exc:
-                self.abort(_describe(exc))
+                self.abort(describe_error(exc))
             reply = await future
         finally:
             self.pending.pop(message.request, None)
@@ -677,13 +679,13 @@ class RaftClient(CommandBackend):
                         return message
                 finally:
                     link.abort("done")
-                    await _close_writer(link.writer)
+                    await close_writer(link.writer)
         except _Refused as exc:
             raise exc.error from None
         except TimeoutError:
             raise OperationTimeoutError(f"member at {address} did not answer in time") from None
         except (OSError, EOFError, FrameError) as exc:
-            raise UnavailableError(f"member at {address}: {_describe(exc)}") from None
+            raise UnavailableError(f"member at {address}: {describe_error(exc)}") from None
 
     # --- the connection ----------------------------------------------------------------------
 
@@ -708,7 +710,7 @@ class RaftClient(CommandBackend):
                 writer.transport.abort()
             raise _Refused(
                 PermissionDeniedError(
-                    f"TLS with the member at {address} failed: {_describe(exc)}; check the "
+                    f"TLS with the member at {address} failed: {describe_error(exc)}; check the "
                     "client's certificate, key and CA"
                 )
             ) from None
@@ -725,14 +727,14 @@ class RaftClient(CommandBackend):
                 ) from None
             raise EndOfStream(
                 f"the member at {address} closed the connection before answering the hello "
-                f"({_describe(exc)}); is it stopping, or does it require TLS?"
+                f"({describe_error(exc)}); is it stopping, or does it require TLS?"
             ) from None
         except BaseException:
             if writer is not None:
                 writer.transport.abort()
             raise
         if not reply.ok:
-            await _close_writer(writer)
+            await close_writer(writer)
             error = error_from_code(reply.code or "unavailable", reply.reason)
             raise _Refused(
                 type(error)(
@@ -754,7 +756,7 @@ class RaftClient(CommandBackend):
                 self._refusals[address] = exc.error
                 self._note(address, exc.error.message)
             except (OSError, TimeoutError, EOFError, FrameError) as exc:
-                self._note(address, _describe(exc))
+                self._note(address, describe_error(exc))
             else:
                 self._refusals.pop(address, None)
                 try:
@@ -798,7 +800,7 @@ class RaftClient(CommandBackend):
         except EndOfStream:
             reason = "the member closed the connection"
         except (OSError, EOFError, FrameError, _Disconnected) as exc:
-            reason = _describe(exc)
+            reason = describe_error(exc)
         finally:
             was_ready = link.target is not None
             link.abort(reason)
@@ -807,7 +809,7 @@ class RaftClient(CommandBackend):
                 self._link = None
                 self._ready = False
                 self._notify()
-            await _close_writer(link.writer)
+            await close_writer(link.writer)
         if not self._stopped:
             self._note(link.address, reason)
             _log.info(
@@ -955,22 +957,3 @@ async def connect(
 
 def _unexpected(reply: Reply) -> ControlPlaneError:
     return ControlPlaneError(f"unexpected reply from the member: {type(reply).__name__}")
-
-
-async def _close_writer(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(2.0):
-            await writer.wait_closed()
-    except (OSError, TimeoutError):
-        writer.transport.abort()
-    except asyncio.CancelledError:
-        writer.transport.abort()
-        raise
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

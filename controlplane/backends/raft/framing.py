@@ -342,3 +342,24 @@ class FramedStream(Generic[RecvT, SendT]):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+async def close_writer(writer: asyncio.StreamWriter, within: float = 2.0) -> None:
+    """Close a stream in order within ``within`` seconds, else abort it; never leak it."""
+    writer.close()
+    try:
+        async with asyncio.timeout(within):
+            await writer.wait_closed()
+    except (OSError, TimeoutError):
+        writer.transport.abort()
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short description of a connection error for log lines and messages."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

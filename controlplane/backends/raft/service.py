@@ -43,7 +43,9 @@ from .framing import (
     FrameReader,
     FrameTooLargeError,
     check_max_frame_size,
+    close_writer,
     decode_frame,
+    describe_error,
     encode_message_frame,
     read_frame,
 )
@@ -239,11 +241,11 @@ class ClientService:
         except FrameError as exc:
             _log.warning("closing client connection from %s: %s", peer, exc)
         except (OSError, EOFError, _ConnectionGone) as exc:
-            _log.info("client connection from %s ended: %s", peer, _describe(exc))
+            _log.info("client connection from %s ended: %s", peer, describe_error(exc))
         finally:
             if conn is not None:
                 await conn.cancel_tasks()
-            await _close_writer(writer)
+            await close_writer(writer)
 
     async def _start_tls(self, writer: asyncio.StreamWriter, peer: str) -> bool:
         assert self._ssl is not None
@@ -251,7 +253,7 @@ class ClientService:
             await writer.start_tls(self._ssl, ssl_handshake_timeout=self._hello_timeout)
         except OSError as exc:  # includes ssl.SSLError: an untrusted or missing certificate
             writer.transport.abort()
-            _log.warning("TLS handshake with client %s failed: %s", peer, _describe(exc))
+            _log.warning("TLS handshake with client %s failed: %s", peer, describe_error(exc))
             return False
         except BaseException:
             writer.transport.abort()
@@ -415,7 +417,7 @@ class _Connection:
         except TimeoutError:
             self._fail(f"the client accepted no data for {self._service._write_timeout} s")
         except OSError as exc:
-            self._fail(_describe(exc))
+            self._fail(describe_error(exc))
 
     async def _send(self, message: Reply) -> None:
         self._write(message)
@@ -626,18 +628,6 @@ class _Connection:
         )
 
 
-async def _close_writer(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(2.0):
-            await writer.wait_closed()
-    except (OSError, TimeoutError):
-        writer.transport.abort()
-    except asyncio.CancelledError:
-        writer.transport.abort()
-        raise
-
-
 def _format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -647,10 +637,3 @@ def _peername(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return _format_address(str(peer[0]), int(peer[1]))
     return str(peer)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -59,7 +59,9 @@ from controlplane.backends.raft.framing import (
     FrameError,
     FrameReader,
     check_max_frame_size,
+    close_writer,
     decode_frame,
+    describe_error,
     encode_frame,
     encode_message_frame,
     read_frame,
@@ -552,15 +554,7 @@ class PeerTransport(Generic[T]):
         peer.queued_bytes = 0
 
     async def _close_writer(self, writer: asyncio.StreamWriter) -> None:
-        writer.close()
-        try:
-            async with asyncio.timeout(self._opts.close_timeout):
-                await writer.wait_closed()
-        except (OSError, TimeoutError):
-            writer.transport.abort()
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
+        await close_writer(writer, self._opts.close_timeout)
 
     # ------------------------------------------------------------------ outbound
 
@@ -628,7 +622,7 @@ class PeerTransport(Generic[T]):
         except (OSError, TimeoutError, EOFError, FrameError) as exc:
             if writer is not None:
                 await self._close_writer(writer)
-            self._connect_failed(peer, host, port, _describe(exc))
+            self._connect_failed(peer, host, port, describe_error(exc))
             return None
         if not reply.accepted:
             await self._close_writer(writer)
@@ -686,14 +680,14 @@ class PeerTransport(Generic[T]):
             except TimeoutError:
                 conn.mark_broken(f"no write progress for {self._opts.write_timeout}s", failed=True)
             except OSError as exc:
-                conn.mark_broken(_describe(exc), failed=True)
+                conn.mark_broken(describe_error(exc), failed=True)
 
     async def _watch(self, peer: _Peer, conn: _Connection) -> None:
         """Detect a dead outbound connection while idle: the acceptor never sends again."""
         try:
             data = await conn.reader.read(1)
         except OSError as exc:
-            reason = _describe(exc)
+            reason = describe_error(exc)
         else:
             reason = "closed by the peer" if not data else "the peer sent unexpected data"
         conn.mark_broken(reason, failed=True)
@@ -743,7 +737,7 @@ class PeerTransport(Generic[T]):
             if sender is not None:
                 self._peer_stats(sender).connection_errors += 1
             logger.info(
-                "connection from member %s at %s lost: %s", sender, peername, _describe(exc)
+                "connection from member %s at %s lost: %s", sender, peername, describe_error(exc)
             )
         finally:
             if sender is not None and self._inbound.get(sender) is task:
@@ -763,7 +757,7 @@ class PeerTransport(Generic[T]):
         except OSError as exc:
             writer.transport.abort()
             self._rejected_handshakes += 1
-            logger.warning("TLS handshake with %s failed: %s", peername, _describe(exc))
+            logger.warning("TLS handshake with %s failed: %s", peername, describe_error(exc))
             return False
         except BaseException:
             writer.transport.abort()
@@ -878,10 +872,3 @@ def _peername(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return str(peer)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
