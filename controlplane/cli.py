@@ -2,7 +2,13 @@
 
 ``controlplane serve`` runs one control-plane member until SIGTERM or SIGINT. With no
 configuration at all it is a single Raft member keeping its data in ``./controlplane-data``:
-the embedded default. Errors are one line on stderr and a non-zero exit status.
+the embedded default.
+
+The other subcommands talk to a running Raft cluster as a network client (``--members``,
+default ``$CONTROLPLANE_MEMBERS`` or ``127.0.0.1:7401``): ``status``, ``nodes``, ``indices``,
+``routing INDEX``, ``locks``, ``watch``, ``export-state``/``import-state`` (JSON),
+``snapshot save|restore`` (msgpack), ``member add|remove`` and ``transfer-leader``.
+Errors are one line on stderr and a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -11,14 +17,20 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from .codec import state_from_json, state_to_json
 from .config import Config, load_config
 from .errors import ControlPlaneError
 from .factory import open_control_plane
+
+if TYPE_CHECKING:
+    from .backends.raft.client import RaftClient
 
 __all__ = ["main"]
 
@@ -42,7 +54,183 @@ def _parser() -> argparse.ArgumentParser:
         "--join", action="store_true", help="join an existing cluster instead of forming one"
     )
     serve.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--members",
+        default=os.environ.get("CONTROLPLANE_MEMBERS") or "127.0.0.1:7401",
+        help="client addresses of the members: host:port,host:port "
+        "(default: $CONTROLPLANE_MEMBERS or 127.0.0.1:7401)",
+    )
+    common.add_argument("--cluster-id", default="controlplane")
+    common.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to connect and per request"
+    )
+
+    def sub(name: str, help: str, parent: Any = commands) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, parents=[common])  # type: ignore[no-any-return]
+
+    sub("status", "each member's Raft status and the cluster health")
+    sub("nodes", "the registered nodes")
+    sub("indices", "the indices")
+    sub("routing", "the routing table of an index").add_argument("index")
+    sub("locks", "the held locks")
+    watch = sub("watch", "print cluster events, one a line, until Ctrl-C")
+    watch.add_argument("--since", type=int, help="start after this state version")
+    watch.add_argument("--count", type=int, help="stop after this many events")
+    sub("export-state", "write the whole state as JSON").add_argument("file")
+    sub("import-state", "replace the whole state with a JSON export").add_argument("file")
+    snapshot = commands.add_parser("snapshot", help="save or restore a msgpack snapshot")
+    snapshots = snapshot.add_subparsers(dest="action", required=True)
+    sub("save", "write a snapshot of the state", snapshots).add_argument("file")
+    sub("restore", "replace the state with a snapshot", snapshots).add_argument("file")
+    member = commands.add_parser("member", help="change the Raft membership")
+    members = member.add_subparsers(dest="action", required=True)
+    add = sub("add", "add a member (a learner unless --voter)", members)
+    add.add_argument("id")
+    add.add_argument("peer_address", help="host:port of its peer listener")
+    add.add_argument("--voter", action="store_true")
+    sub("remove", "remove a member", members).add_argument("id")
+    sub("transfer-leader", "hand leadership to ID (default: best voter)").add_argument(
+        "id", nargs="?"
+    )
     return parser
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(header), *([str("-" if v is None else v) for v in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+async def _status(client: RaftClient) -> None:
+    rows: list[list[object]] = []
+    for address, st in (await client.statuses()).items():
+        if isinstance(st, ControlPlaneError):
+            rows.append(["?", f"unreachable: {st}", None, None, None, address])
+            continue
+        progress = f"{st.commit_index}/{st.applied_index}"
+        rows.append([st.member_id, st.role, st.leader_id, st.term, progress, address])
+    _table(["MEMBER", "ROLE", "LEADER", "TERM", "COMMIT/APPLIED", "ADDRESS"], rows)
+    health = await client.get_cluster_health()
+    print(f"health: {health.status} (version {health.version}, {health.number_of_nodes} nodes)")
+
+
+async def _nodes(client: RaftClient) -> None:
+    rows = [
+        [n.id, n.status, ",".join(sorted(n.roles)), n.zone or None, n.address or None]
+        for n in await client.list_nodes()
+    ]
+    _table(["ID", "STATUS", "ROLES", "ZONE", "ADDRESS"], rows)
+
+
+async def _indices(client: RaftClient) -> None:
+    health = (await client.get_cluster_health()).indices
+    rows = [
+        [
+            i.name,
+            health[i.name].status if i.name in health else None,
+            i.settings.number_of_shards,
+            i.settings.number_of_replicas,
+        ]
+        for i in await client.list_indices()
+    ]
+    _table(["NAME", "HEALTH", "SHARDS", "REPLICAS"], rows)
+
+
+async def _routing(client: RaftClient, index: str) -> None:
+    rows = [
+        [r.shard, "primary" if c.primary else "replica", c.node_id, c.state, c.relocating_to]
+        for r in await client.get_shard_routing(index)
+        for c in r.copies
+    ]
+    _table(["SHARD", "COPY", "NODE", "STATE", "RELOCATING_TO"], rows)
+
+
+async def _locks(client: RaftClient) -> None:
+    state = await client.get_cluster_state()
+    rows = [
+        [lock.key, lock.holder, lock.token, f"{lock.expires_at:.3f}"]
+        for lock in sorted(state.locks.values(), key=lambda lock: lock.key)
+        if lock.expires_at > state.now
+    ]
+    _table(["KEY", "HOLDER", "TOKEN", "EXPIRES_AT"], rows)
+
+
+async def _watch(client: RaftClient, since: int | None, count: int | None) -> None:
+    seen = 0
+    if count is not None and count <= 0:
+        return
+    stream = client.watch(since=since)
+    try:
+        async for event in stream:
+            print(f"{event.version} {event.kind} {event.key}".rstrip(), flush=True)
+            seen += 1
+            if count is not None and seen >= count:
+                return
+    finally:
+        await stream.aclose()
+
+
+async def _export(client: RaftClient, file: str) -> None:
+    data = state_to_json(await client.get_cluster_state(consistent=True))
+    await asyncio.to_thread(Path(file).write_bytes, data)
+
+
+async def _import(client: RaftClient, file: str) -> None:
+    await client.restore_state(state_from_json(await asyncio.to_thread(Path(file).read_bytes)))
+
+
+async def _snapshot_save(client: RaftClient, file: str) -> None:
+    data = await client.snapshot_save()
+    await asyncio.to_thread(Path(file).write_bytes, data)
+
+
+async def _snapshot_restore(client: RaftClient, file: str) -> None:
+    await client.restore(await asyncio.to_thread(Path(file).read_bytes))
+
+
+def _action(args: argparse.Namespace) -> Callable[[RaftClient], Awaitable[None]]:
+    """What the client subcommand in ``args`` does, given a started client."""
+    command = args.command
+    if command in ("snapshot", "member"):
+        command = f"{command} {args.action}"
+    actions: dict[str, Callable[[RaftClient], Awaitable[None]]] = {
+        "status": _status,
+        "nodes": _nodes,
+        "indices": _indices,
+        "routing": lambda cl: _routing(cl, args.index),
+        "locks": _locks,
+        "watch": lambda cl: _watch(cl, args.since, args.count),
+        "export-state": lambda cl: _export(cl, args.file),
+        "import-state": lambda cl: _import(cl, args.file),
+        "snapshot save": lambda cl: _snapshot_save(cl, args.file),
+        "snapshot restore": lambda cl: _snapshot_restore(cl, args.file),
+        "member add": lambda cl: cl.member_add(args.id, args.peer_address, voter=args.voter),
+        "member remove": lambda cl: cl.member_remove(args.id),
+        "transfer-leader": lambda cl: cl.transfer_leader(args.id),
+    }
+    return actions[command]
+
+
+async def _with_client(
+    args: argparse.Namespace, action: Callable[[RaftClient], Awaitable[None]]
+) -> None:
+    """Connect to the cluster, run ``action`` with the client, close it."""
+    from .backends.raft.client import connect  # noqa: PLC0415 (optional backend)
+
+    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    client = await connect(
+        members,
+        cluster_id=args.cluster_id,
+        request_timeout=args.timeout,
+        connect_timeout=args.timeout,
+    )
+    try:
+        await action(client)
+    finally:
+        await client.stop()
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -85,6 +273,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
     try:
+        if args.command != "serve":
+            logging.basicConfig(level=logging.CRITICAL)
+            with contextlib.suppress(KeyboardInterrupt):
+                asyncio.run(_with_client(args, _action(args)))
+            return 0
         config = load_config(args.config, None, _overrides(args))
         logging.basicConfig(
             level=config.log_level,
