@@ -24,6 +24,7 @@ from test_linearizability import (  # the engine's own test histories and genera
     small_register_histories,
 )
 
+from controlplane.testing import gobuild
 from controlplane.testing.linearizability import (
     UNKNOWN,
     Cas,
@@ -262,7 +263,7 @@ def test_bad_input_is_an_error(porcupine: Path, tmp_path: Path) -> None:
 def test_missing_go_fails_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "")
     monkeypatch.delenv("GOROOT", raising=False)
-    monkeypatch.setattr(porcupine_check, "GO_FALLBACKS", ())
+    monkeypatch.setattr(gobuild, "GO_FALLBACKS", ())
     with pytest.raises(GoMissingError, match=r"Go toolchain .* not found"):
         find_go()
 
