@@ -35,26 +35,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import cProfile
-import datetime
-import gc
-import importlib
-import io
+import functools
 import json
 import logging
-import os
-import platform
-import pstats
-import queue
 import shutil
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,208 +50,45 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
+from benchlib import (  # noqa: E402  (bench/, next to this script)
+    BATCH,
+    NO_BATCH,
+    PEER_CONFS,
+    PYSYNCOBJ,
+    CpuMeter,
+    Failover,
+    GcMeter,
+    PeerCluster,
+    event_loop,
+    fo_stats,
+    load_at_end,
+    ms,
+    pct,
+    peer_failovers,
+    peer_setup,
+    peer_throughput,
+    preamble,
+    print_table,
+    profiled,
+    rate,
+    ratio,
+    secs,
+    timed_closed_loop,
+    timed_sequence,
+    verdict,
+    wait_idle,
+)
+
 from controlplane.backends.raft.backend import (  # noqa: E402
     RaftControlPlane,
-    free_port,
     local_cluster_configs,
 )
 from controlplane.config import Config  # noqa: E402
 from controlplane.errors import ControlPlaneError  # noqa: E402
 
-PYSYNCOBJ = "pysyncobj==0.3.17"
-PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "pysyncobj_node.py"
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "controlplane-bench"
-
 TARGET_P50 = 0.002
 TARGET_TPUT = 10_000.0
 TARGET_FAILOVER = 1.5
-
-
-# --- small helpers -------------------------------------------------------------------------------
-
-
-def pct(samples: list[float], p: float) -> float:
-    """The p-th percentile (nearest rank) of ``samples``."""
-    ordered = sorted(samples)
-    if not ordered:
-        return float("nan")
-    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
-    return ordered[k]
-
-
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
-
-
-def secs(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds:.3f} s"
-
-
-def rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}/s"
-
-
-@contextlib.contextmanager
-def profiled(path: Path | None, label: str) -> Iterator[None]:
-    """cProfile the enclosed code (the event loop's thread) into ``path``/``label``.pstats."""
-    if path is None:
-        yield
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        yield
-    finally:
-        profiler.disable()
-        path.mkdir(parents=True, exist_ok=True)
-        out = path / f"{label}.pstats"
-        profiler.dump_stats(out)
-        text = io.StringIO()
-        stats = pstats.Stats(profiler, stream=text).sort_stats("tottime")
-        stats.print_stats(25)
-        print(f"\n--- profile of {label} (event-loop thread, by own time) -> {out}")
-        print("\n".join(text.getvalue().splitlines()[:45]))
-
-
-# --- the machine ---------------------------------------------------------------------------------
-
-
-def machine(data_dir: Path, loop_name: str) -> dict[str, str]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    fs = "?"
-    with contextlib.suppress(OSError):
-        best = ""
-        target = str(data_dir.resolve())
-        for line in Path("/proc/mounts").read_text().splitlines():
-            dev, mnt, kind = line.split()[:3]
-            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
-                best
-            ):
-                best, fs = mnt, f"{kind} on {dev} (mounted at {mnt})"
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpus": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
-        "cpu model": cpu,
-        "python": f"{platform.python_implementation()} {platform.python_version()}",
-        "event loop": loop_name,
-        "kernel": platform.release(),
-        "data dir": f"{data_dir} ({fs})",
-        "load average at start": load,
-    }
-
-
-class CpuMeter:
-    """Cores used, over an interval, by the whole machine and by this process (+ reaped children).
-
-    Other engineers' or CI jobs share small machines: the difference tells how much of the CPU
-    the benchmark really had.
-    """
-
-    def __init__(self) -> None:
-        self.t0 = time.monotonic()
-        self.busy0, self.total0 = self._machine()
-        self.own0 = self._own()
-
-    @staticmethod
-    def _machine() -> tuple[float, float]:
-        try:
-            fields = [float(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
-        except (OSError, ValueError):
-            return 0.0, 0.0
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-        total = sum(fields[:8])  # guest time is already in user
-        return total - idle, total
-
-    @staticmethod
-    def _own() -> float:
-        t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
-
-    def measure(self) -> tuple[float, float]:
-        """(cores the machine was busy, cores this process and its reaped children used)."""
-        wall = time.monotonic() - self.t0
-        busy, total = self._machine()
-        cpus = os.cpu_count() or 1
-        if total <= self.total0 or wall <= 0:
-            return float("nan"), float("nan")
-        machine = (busy - self.busy0) / (total - self.total0) * cpus
-        return machine, (self._own() - self.own0) / wall
-
-    def report(self, own: float | None = None, who: str = "this benchmark") -> str:
-        machine, mine = self.measure()
-        own = mine if own is None else own
-        return (
-            f"machine busy {machine:.2f} of {os.cpu_count()} cores; {who} {own:.2f}; "
-            f"other processes ~{max(0.0, machine - own):.2f}"
-        )
-
-
-class GcMeter:
-    """Time this process spends in the cyclic garbage collector (all threads), via gc.callbacks."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.full = 0
-        self._started = 0.0
-
-    def _callback(self, phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self._started
-            self.full += info.get("generation") == 2
-
-    def __enter__(self) -> GcMeter:
-        gc.callbacks.append(self._callback)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        gc.callbacks.remove(self._callback)
-
-    def report(self, wall: float) -> str:
-        return f"GC {self.seconds:.2f} s of {wall:.1f} s ({self.full} full collections)"
-
-
-def wait_idle(limit: float, busy_max: float = 0.3) -> str:
-    """Wait up to ``limit`` seconds for other processes to use under ``busy_max`` cores."""
-    deadline = time.monotonic() + limit
-    seen = []
-    while True:
-        busy0, total0 = CpuMeter._machine()
-        time.sleep(2.0)
-        busy1, total1 = CpuMeter._machine()
-        cores = (busy1 - busy0) / max(total1 - total0, 1.0) * (os.cpu_count() or 1)
-        seen.append(cores)
-        if cores < busy_max:
-            return f"machine idle enough ({cores:.2f} cores busy) after {2 * len(seen)} s"
-        if time.monotonic() >= deadline:
-            return (
-                f"gave up waiting after {2 * len(seen)} s: other processes kept "
-                f"{min(seen):.2f}-{max(seen):.2f} cores busy"
-            )
-
-
-def fsync_probe(directory: Path, n: int = 200) -> tuple[float, float]:
-    """(p50, p99) seconds of a 256-byte append + fsync in ``directory``: the disk's floor."""
-    path = directory / "fsync-probe"
-    samples = []
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        for _ in range(n):
-            t0 = time.perf_counter()
-            os.write(fd, b"x" * 256)
-            os.fsync(fd)
-            samples.append(time.perf_counter() - t0)
-    finally:
-        os.close(fd)
-        path.unlink()
-    return pct(samples, 50), pct(samples, 99)
 
 
 # --- our cluster ---------------------------------------------------------------------------------
@@ -338,47 +163,16 @@ def op_create_index() -> Op:
 
 
 async def sequential(cp: RaftControlPlane, op: Op, n: int, warmup: int) -> list[float]:
-    samples = []
-    clock = time.perf_counter
-    for i in range(warmup + n):
-        t0 = clock()
-        await op(cp, 0, i)
-        if i >= warmup:
-            samples.append(clock() - t0)
-    return samples
+    return await timed_sequence(lambda i: op(cp, 0, i), n, warmup)
 
 
 async def throughput(
     cp: RaftControlPlane, op: Op, concurrency: int, seconds: float
 ) -> tuple[float, list[float], int]:
     """(commits per second, per-write latencies, failed writes) with ``concurrency`` writers."""
-    clock = time.perf_counter
-    end = clock() + seconds
-    latencies: list[float] = []
-    failed = [0]
-
-    async def worker(w: int) -> None:
-        i = 0
-        while clock() < end:
-            t0 = clock()
-            try:
-                await op(cp, w, i)
-            except ControlPlaneError:  # e.g. a timeout: counted, not a commit
-                failed[0] += 1
-            else:
-                latencies.append(clock() - t0)
-            i += 1
-
-    start = clock()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return len(latencies) / (clock() - start), latencies, failed[0]
-
-
-@dataclass
-class Failover:
-    leader: float | None  # crash -> a survivor leads
-    commit: float | None  # crash -> first committed write
-    attempts: int = 0
+    call = functools.partial(op, cp)
+    latencies, failed, wall = await timed_closed_loop(call, concurrency, seconds, ControlPlaneError)
+    return len(latencies) / wall, latencies, failed
 
 
 async def failover_once(
@@ -505,117 +299,6 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Results:
 # --- PySyncObj -----------------------------------------------------------------------------------
 
 
-def peer_python(cache: Path) -> tuple[Path | None, str]:
-    """The Python of a venv with PySyncObj (created on first use), or None and why not."""
-    venv = cache / "peers-venv"
-    python = venv / "bin" / "python"
-    check = [str(python), "-c", "import pysyncobj, sys; print(pysyncobj.__file__)"]
-    if python.exists() and subprocess.run(check, check=False, capture_output=True).returncode == 0:
-        return python, "cached"
-    cache.mkdir(parents=True, exist_ok=True)
-    made = subprocess.run(
-        [sys.executable, "-m", "venv", "--clear", str(venv)],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if made.returncode != 0:
-        return None, f"could not create {venv}: {made.stderr.strip()[-500:]}"
-    pip = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", PYSYNCOBJ],
-        check=False,
-        capture_output=True,
-        text=True,
-    )
-    if pip.returncode != 0:
-        return None, f"pip install {PYSYNCOBJ} failed (PyPI refused?): {pip.stderr.strip()[-800:]}"
-    return python, f"installed {PYSYNCOBJ} into {venv}"
-
-
-class PeerProcess:
-    def __init__(self, python: Path, addr: str, partners: list[str], extra: list[str], log: Path):
-        self.addr = addr
-        self._args = [str(python), "-u", str(PEER_SCRIPT), addr, *partners, *extra]
-        self._log = log
-        self.info: dict[str, Any] = {}
-        self.start()
-
-    def start(self) -> None:
-        self._lines: queue.Queue[str | None] = queue.Queue()
-        with self._log.open("a") as log:
-            self.proc = subprocess.Popen(
-                self._args,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                bufsize=1,
-            )
-        threading.Thread(target=self._pump, daemon=True).start()
-        self.info = self.read(30.0)
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
-        self._lines.put(None)
-
-    def send(self, cmd: dict[str, Any]) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def read(self, timeout: float) -> dict[str, Any]:
-        line = self._lines.get(timeout=timeout)
-        if line is None:
-            raise RuntimeError(f"PySyncObj member {self.addr} exited (see {self._log})")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def call(self, cmd: dict[str, Any], timeout: float = 60.0) -> dict[str, Any]:
-        self.send(cmd)
-        return self.read(timeout)
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def quit(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(Exception):
-                self.call({"op": "quit"}, 5.0)
-            try:
-                self.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
-class PeerCluster:
-    def __init__(self, python: Path, extra: list[str], log: Path) -> None:
-        addrs = [f"127.0.0.1:{free_port()}" for _ in range(3)]
-        self.members = [
-            PeerProcess(python, a, [b for b in addrs if b != a], extra, log) for a in addrs
-        ]
-
-    def stable_leader(self, within: float = 30.0) -> PeerProcess:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            st = [m.call({"op": "status"}) for m in self.members]
-            leader = st[0]["leader"]
-            if leader is not None and all(s["leader"] == leader for s in st):
-                commits = {s["commit"] for s in st}
-                lead = next((m for m in self.members if m.addr == leader), None)
-                if lead is not None and len(commits) == 1 and all(s["ready"] for s in st):
-                    return lead
-            time.sleep(0.05)
-        raise TimeoutError("PySyncObj: no stable leader")
-
-    def quit(self) -> None:
-        for m in self.members:
-            m.quit()
-
-
-@dataclass
 class PeerResults:
     note: str = ""
     conf: dict[str, Any] = field(default_factory=dict)
@@ -627,80 +310,13 @@ class PeerResults:
     failovers_matched: list[Failover] = field(default_factory=list)
 
 
-BATCH = "default conf"
-NO_BATCH = "appendEntriesUseBatch=False"
-
-
-def peer_failovers(cluster: PeerCluster, runs: int, args: argparse.Namespace) -> list[Failover]:
-    out = []
-    for i in range(runs):
-        lead = cluster.stable_leader()
-        survivors = [m for m in cluster.members if m is not lead]
-        t0 = time.monotonic()
-        lead.kill()
-        cmd = {
-            "op": "failover",
-            "old_leader": lead.addr,
-            "poll": args.poll,
-            "deadline": args.failover_deadline,
-        }
-        for m in survivors:
-            m.send(cmd)
-        answers = [m.read(args.failover_deadline + 30.0) for m in survivors]
-        commits = [a["success_at"] for a in answers if a["success_at"] is not None]
-        leaders = [a["leader_at"] for a in answers if a["leader_at"] is not None]
-        f = Failover(
-            min(leaders) - t0 if leaders else None,
-            min(commits) - t0 if commits else None,
-            sum(a["attempts"] for a in answers),
-        )
-        out.append(f)
-        print(
-            f"PySyncObj: failover {i + 1}/{runs}: new leader after {secs(f.leader)}, "
-            f"first commit after {secs(f.commit)}",
-            flush=True,
-        )
-        lead.start()
-    cluster.stable_leader()
-    return out
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) a live process has used, from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peer_throughput(
-    cluster: PeerCluster, lead: PeerProcess, callers: int, seconds: float
-) -> tuple[float, float, str]:
-    """Run the throughput op on ``lead``: (commits per second, cores its members used, CPU)."""
-    pids = [m.proc.pid for m in cluster.members]
-    cpu0 = sum(process_cpu(p) for p in pids)
-    meter = CpuMeter()
-    tp = lead.call(
-        {"op": "throughput", "concurrency": callers, "seconds": seconds}, seconds + 120.0
-    )
-    cores = (sum(process_cpu(p) for p in pids) - cpu0) / tp["elapsed"]
-    if tp["errors"]:
-        print(f"PySyncObj: {tp['errors']} calls failed", flush=True)
-    value: float = tp["ok"] / tp["elapsed"]
-    return value, cores, meter.report(cores, "PySyncObj's 3 processes")
-
-
 def run_peer(args: argparse.Namespace) -> PeerResults:
     res = PeerResults()
-    python, why = peer_python(CACHE)
-    print(f"PySyncObj: {why}", flush=True)
+    python, why, log = peer_setup()
     if python is None:
         res.note = why
         return res
-    log = CACHE / "pysyncobj-members.log"
-    log.write_text("")
-    for conf, extra in ((BATCH, []), (NO_BATCH, ["--no-batch"])):
+    for conf, extra in PEER_CONFS:
         cluster = PeerCluster(python, extra, log)
         try:
             if conf == BATCH:
@@ -728,7 +344,9 @@ def run_peer(args: argparse.Namespace) -> PeerResults:
                     flush=True,
                 )
             if conf == BATCH:
-                res.failovers = peer_failovers(cluster, args.failovers, args)
+                res.failovers = peer_failovers(
+                    cluster, args.failovers, args.poll, args.failover_deadline
+                )
         finally:
             cluster.quit()
     if args.peer_matched_timing:
@@ -737,33 +355,15 @@ def run_peer(args: argparse.Namespace) -> PeerResults:
         cluster = PeerCluster(python, timing, log)
         try:
             print(f"PySyncObj with election timeout as ours: {cluster.members[0].info}")
-            res.failovers_matched = peer_failovers(cluster, args.failovers, args)
+            res.failovers_matched = peer_failovers(
+                cluster, args.failovers, args.poll, args.failover_deadline
+            )
         finally:
             cluster.quit()
     return res
 
 
 # --- the table -----------------------------------------------------------------------------------
-
-
-def ratio(ours: float | None, theirs: float | None) -> str:
-    if ours is None or theirs is None or theirs == 0:
-        return "-"
-    return f"{ours / theirs:.2f}"
-
-
-def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
-    if value is None:
-        return "n/a"
-    ok = value >= target if higher_is_better else value < target
-    return "meets" if ok else "MISSES"
-
-
-def fo_stats(fs: list[Failover], attr: str) -> list[float | None]:
-    values = [getattr(f, attr) for f in fs if getattr(f, attr) is not None]
-    if not values:
-        return [None, None, None]
-    return [min(values), statistics.median(values), max(values)]
 
 
 def table(args: argparse.Namespace, ours: Results, peer: PeerResults | None) -> list[list[str]]:
@@ -884,18 +484,6 @@ def table(args: argparse.Namespace, ours: Results, peer: PeerResults | None) -> 
     return rows
 
 
-def print_table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = []
-    for j, r in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)) + " |")
-        if j == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    text = "\n".join(lines)
-    print(text)
-    return text
-
-
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -962,32 +550,17 @@ def main() -> None:
         level=logging.WARNING if args.verbose else logging.ERROR,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    uvloop: Any = None
-    if not args.no_uvloop:
-        with contextlib.suppress(ImportError):
-            uvloop = importlib.import_module("uvloop")
-    loop_name = (
-        f"uvloop {uvloop.__version__}"
-        if uvloop
-        else "asyncio (default)" + ("" if args.no_uvloop else "; uvloop not installed")
-    )
+    uvloop, loop_name = event_loop(args.no_uvloop)
     idle = wait_idle(args.wait_idle) if args.wait_idle > 0 else None
     base = Path(tempfile.mkdtemp(prefix="raft-bench-", dir=args.data_dir))
-    info = machine(base, loop_name)
-    if idle:
-        info["before the start"] = idle
     try:
-        fs50, fs99 = fsync_probe(base)
-        info["fsync of 256 B (disk floor)"] = f"p50 {ms(fs50)}, p99 {ms(fs99)}"
-        info["settings"] = (
+        settings = (
             f"heartbeat {args.heartbeat} s, election timeout {args.election_timeout} s, "
             f"fsync {'off' if args.no_fsync else 'on'}, N={args.n} (+{args.warmup} warm-up), "
             f"{args.concurrency} proposers x {args.seconds} s, {args.failovers} failovers, "
             f"attempt every {args.poll} s"
         )
-        for k, v in info.items():
-            print(f"{k:>28}: {v}")
-        print(flush=True)
+        info = preamble(base, loop_name, settings, idle)
         t_start = time.monotonic()
         meter = CpuMeter()
         ours = uvloop.run(run_ours(args, base)) if uvloop else asyncio.run(run_ours(args, base))
@@ -1028,10 +601,7 @@ def main() -> None:
         print(f"our throughput run, {label} x{callers}: state before: {size}; {cpu}")
     if peer is not None:
         print(f"CPU during PySyncObj's runs: {cpu_peer}")
-    print(
-        f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"total {time.monotonic() - t_start:.0f} s"
-    )
+    print(load_at_end(t_start))
     info["CPU during our runs"] = cpu_ours
     if peer is not None:
         info["CPU during PySyncObj's runs"] = cpu_peer

@@ -1,0 +1,40 @@
+"""Smoke test of ``bench/service_bench.py``: the quick run completes and prints its table.
+
+It asserts nothing about timing (the benchmark's figures depend on the machine); it only keeps
+the script working as the code it drives changes. Three ``controlplane serve`` processes, the
+bench member script and the load generator; ~20-30 s on two cores.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_quick_run_prints_the_table(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "service_bench.py"),
+            "--quick",
+            "--no-etcd",
+            "--no-pysyncobj",
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "| metric" in done.stdout
+    for row in ("create_index, one client", "failover: SIGKILL leader", "watch delivery"):
+        assert row in done.stdout
+    assert list(tmp_path.iterdir()) == []  # its data directories are removed
