@@ -23,6 +23,7 @@ from pathlib import Path
 
 __all__ = [
     "GO_FALLBACKS",
+    "KUBERNETES_VERSION",
     "PEERS_SOURCE",
     "GoMissingError",
     "build_go",
@@ -38,8 +39,37 @@ GO_FALLBACKS = ("/usr/local/go/bin/go", "/usr/lib/go/bin/go", "~/go/bin/go", "~/
 BUILD_TIMEOUT = 2400.0
 """Seconds one build may take (the Kubernetes API server takes minutes on two cores)."""
 
-_PEER_PACKAGES = {"etcd": "go.etcd.io/etcd/server/v3"}
+KUBERNETES_VERSION = "v1.36.3"
+"""The Kubernetes release pinned by ``tests/peers/kube-apiserver`` (its ``/version``)."""
+
+_PEER_PACKAGES = {
+    "etcd": "go.etcd.io/etcd/server/v3",
+    "kube-apiserver": "k8s.io/kubernetes/cmd/kube-apiserver",
+}
 """The package built for each wrapper module under :data:`PEERS_SOURCE`."""
+
+
+def _kubernetes_ldflags(version: str) -> list[str]:
+    """The linker flags of Kubernetes' own build (hack/lib/version.sh), so that ``/version``
+    answers the pinned release rather than ``v0.0.0-master``."""
+    major, minor = version.lstrip("v").split(".")[:2]
+    values = {
+        "gitVersion": version,
+        "gitMajor": major,
+        "gitMinor": minor,
+        "gitTreeState": "clean",
+        "buildDate": "1970-01-01T00:00:00Z",  # fixed: the build stays reproducible
+    }
+    settings = [
+        f"-X k8s.io/{package}.{key}={value}"
+        for package in ("component-base/version", "client-go/pkg/version")
+        for key, value in values.items()
+    ]
+    return ["-ldflags=" + " ".join(["-s", "-w", *settings])]
+
+
+_PEER_FLAGS: dict[str, list[str]] = {"kube-apiserver": _kubernetes_ldflags(KUBERNETES_VERSION)}
+"""Extra build flags per peer."""
 
 
 class GoMissingError(RuntimeError):
@@ -147,9 +177,10 @@ def build_go(
 
 
 def build_peer(name: str) -> Path:
-    """A test peer of :data:`PEERS_SOURCE` by name (``"etcd"``), built on first use."""
+    """A test peer of :data:`PEERS_SOURCE` by name (``"etcd"``, ``"kube-apiserver"``), built
+    on first use."""
     try:
         package = _PEER_PACKAGES[name]
     except KeyError:
         raise ValueError(f"unknown test peer {name!r}; known: {sorted(_PEER_PACKAGES)}") from None
-    return build_go(PEERS_SOURCE / name, name, package=package)
+    return build_go(PEERS_SOURCE / name, name, package=package, flags=_PEER_FLAGS.get(name, ()))

@@ -1,0 +1,135 @@
+"""The test environment itself: a real kube-apiserver on etcd, with TLS, client certificates,
+RBAC and service-account tokens, cleaned up after use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography import x509
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from controlplane.testing.k8s_env import KUBERNETES_VERSION, KubeEnv, KubeEnvError
+
+pytestmark = pytest.mark.anyio
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_version_is_the_pinned_release(kube_env: KubeEnv) -> None:
+    status, body = await kube_env.request("GET", "/version")
+    assert status == 200
+    assert body["gitVersion"] == KUBERNETES_VERSION
+    major, minor = KUBERNETES_VERSION.lstrip("v").split(".")[:2]
+    assert (body["major"], body["minor"]) == (major, minor)
+    async with kube_env.api_client() as api:  # the kubeconfig's admin, through the client
+        info = await k8s.VersionApi(api).get_code()
+    assert info.git_version == KUBERNETES_VERSION
+
+
+async def test_certificates_carry_key_identifiers(kube_env: KubeEnv) -> None:
+    pki = kube_env.directory / "pki"
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    for name in ("serving.crt", "admin.crt"):
+        cert = x509.load_pem_x509_certificate((pki / name).read_bytes())
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+        assert aki.key_identifier == ca_ski.digest
+        cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    # the kubeconfig names the same server and embeds the admin's credentials
+    config = yaml.safe_load(kube_env.kubeconfig_path.read_text())
+    assert config["clusters"][0]["cluster"]["server"] == kube_env.server
+    assert config["users"][0]["user"]["client-certificate-data"]
+
+
+async def test_namespace_is_created(kube_env: KubeEnv, namespace: str) -> None:
+    async with kube_env.api_client() as api:
+        found = await k8s.CoreV1Api(api).read_namespace(namespace)
+    assert found.metadata.name == namespace
+    assert found.status.phase == "Active"
+
+
+async def test_rbac_is_enforced_for_service_accounts(kube_env: KubeEnv, namespace: str) -> None:
+    token = await kube_env.service_account_token(namespace, "reader")
+    path = f"/api/v1/namespaces/{namespace}/configmaps"
+
+    status, body = await kube_env.request("GET", path, token=token)
+    assert status == 403, body
+    assert f"system:serviceaccount:{namespace}:reader" in body["message"]
+
+    # granting exactly that permission makes the same request pass
+    async with kube_env.api_client() as api:
+        rbac = k8s.RbacAuthorizationV1Api(api)
+        await rbac.create_namespaced_role(
+            namespace,
+            {
+                "metadata": {"name": "read-configmaps"},
+                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}],
+            },
+        )
+        await rbac.create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": "reader-reads-configmaps"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": "read-configmaps",
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
+            },
+        )
+    status, body = await kube_env.request("GET", path, token=token)
+    assert status == 200, body
+    # ... and nothing more: another namespace's config maps stay out of reach
+    status, _ = await kube_env.request("GET", "/api/v1/namespaces/default/configmaps", token=token)
+    assert status == 403
+
+    async with kube_env.api_client(token=token) as api:  # the client, with the token
+        with pytest.raises(ApiException) as denied:
+            await k8s.CoreV1Api(api).list_namespaced_secret(namespace)
+    assert denied.value.status == 403
+
+
+async def test_env_stops_every_process(kube_binaries: tuple[Path, Path]) -> None:
+    etcd, apiserver = kube_binaries
+    env = KubeEnv(etcd=etcd, kube_apiserver=apiserver)
+    async with env:
+        pids = env.pids
+        directory = env.directory
+        assert len(pids) == 2 and all(_group_alive(pid) for pid in pids)
+        status, _ = await env.request("GET", "/readyz")
+        assert status == 200
+    assert not any(_group_alive(pid) for pid in pids)
+    assert env.pids == []
+    assert not directory.exists()
+
+
+async def test_failed_start_leaves_nothing_running(
+    kube_binaries: tuple[Path, Path], tmp_path: Path
+) -> None:
+    etcd, apiserver = kube_binaries
+    env = KubeEnv(
+        tmp_path,
+        etcd=etcd,
+        kube_apiserver=apiserver,
+        extra_apiserver_args=["--no-such-flag=1"],
+    )
+    with pytest.raises(KubeEnvError) as failure:
+        await env.start()
+    message = str(failure.value)
+    assert "kube-apiserver exited" in message
+    assert "no-such-flag" in message  # the log's tail is in the error
+    assert env.pids == []
+    assert len(env.started_pids) == 2  # etcd came up, then kube-apiserver failed
+    assert not any(_group_alive(pid) for pid in env.started_pids)
+    assert (tmp_path / "etcd.log").exists()
