@@ -51,7 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         "--peers", help="every initial member, this one included: id=host:port,id=host:port"
     )
     serve.add_argument(
-        "--join", action="store_true", help="join an existing cluster instead of forming one"
+        "--join",
+        nargs="?",
+        const="",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="join a running cluster instead of forming one: through the members at these "
+        "client addresses (their leader adds this member), or, without addresses, by "
+        "waiting for an operator's 'member add'",
+    )
+    serve.add_argument(
+        "--advertise",
+        dest="raft__advertise_address",
+        metavar="HOST:PORT",
+        help="where the other members reach this one's peer listener (default: --listen)",
     )
     serve.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
 
@@ -249,8 +261,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
             for item in args.peers.split(",")
             if item
         ]
-    if args.join:
+    if args.join is not None:
         overrides["raft__bootstrap"] = False
+        if args.join:
+            overrides["raft__join"] = [a for a in args.join.split(",") if a]
     return overrides
 
 

@@ -5,8 +5,10 @@
 1. the defaults below;
 2. a YAML file (``path``, else the file named by ``CONTROLPLANE_CONFIG`` if set);
 3. environment variables: the short names ``CONTROL_PLANE_MODE``, ``NODE_ID``, ``CLUSTER_ID``,
-   ``DATA_DIR``, ``RAFT_PEERS`` (``id=host:port,id=host:port``), ``RAFT_LISTEN``,
-   ``CLIENT_LISTEN``, ``HTTP_LISTEN`` (``host:port``) and ``K8S_NAMESPACE``; then any field by
+   ``DATA_DIR``, ``RAFT_PEERS`` (``id=host:port,id=host:port``), ``RAFT_JOIN``
+   (``host:port,host:port``; it also sets ``raft.bootstrap`` to false, as ``serve --join``
+   does), ``RAFT_LISTEN``, ``CLIENT_LISTEN``, ``HTTP_LISTEN`` (``host:port``) and
+   ``K8S_NAMESPACE``; then any field by
    its path, ``CONTROLPLANE__RAFT__ELECTION_TIMEOUT=2.0``, the value read as a YAML scalar (or
    taken verbatim for string fields). Empty variables are ignored;
 4. explicit overrides (command-line flags), keyed by field path.
@@ -165,11 +167,26 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     peers: tuple[Peer, ...] = ()
     """Every member of the initial cluster, this one included; empty: a single member.
 
-    With ``bootstrap`` true, ``node_id`` must be one of them. To join an existing cluster,
-    set ``bootstrap`` false and list the members to contact.
+    With ``bootstrap`` true, ``node_id`` must be one of them. A member listed here is always
+    dialed at this address, whatever address the cluster's configuration records for it.
     """
     bootstrap: bool = True
-    """Form a new cluster from ``peers`` when ``data_dir`` is empty (else join one)."""
+    """Form a new cluster from ``peers`` when ``data_dir`` is empty. False: this member
+    joins a running cluster, through ``join`` or by an operator's ``member add``."""
+    join: tuple[str, ...] = ()
+    """Client addresses (``host:port``) of members of a running cluster. A member whose data
+    directory was never in a configuration asks their leader to add it (as a learner), waits
+    until it has caught up and has itself promoted to voter; on later starts it skips that.
+
+    Requires ``bootstrap`` false. The rule holds whatever the data directory holds (where
+    neither setting would matter any more), so that a configuration does not turn invalid
+    when a member's data directory is wiped.
+    """
+    join_timeout: float = 120.0
+    """Seconds a joining member may take to become a voter (catching up included)."""
+    advertise_address: str | None = None
+    """``host:port`` where the other members reach this one's peer listener; None: the
+    listen host and the bound port (required to join when ``listen_host`` is a wildcard)."""
     heartbeat_interval: float = 0.1
     """Seconds between the leader's heart-beats."""
     election_timeout: float = 1.0
@@ -222,6 +239,31 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
                 f"{self.node_id!r} is not in raft.peers ({', '.join(ids)}): list every initial "
                 "member, this one included, or set raft.bootstrap to false to join a cluster",
             )
+        for i, member in enumerate(self.join):
+            try:
+                parse_address(member)
+            except InvalidConfigError as exc:
+                _fail(f"raft.join[{i}]", exc.message)
+        if self.join and self.bootstrap:
+            _fail(
+                "raft.join",
+                "a member either forms a new cluster (raft.bootstrap true) or joins a running "
+                "one: set raft.bootstrap to false to join (serve --join does)",
+            )
+        if self.advertise_address is not None:
+            try:
+                _, port = parse_address(self.advertise_address)
+            except InvalidConfigError as exc:
+                _fail("raft.advertise_address", exc.message)
+            if port == 0:
+                _fail("raft.advertise_address", "the port must not be 0")
+        elif self.join and self.listen_host in _WILDCARD_HOSTS:
+            _fail(
+                "raft.advertise_address",
+                f"is required to join when raft.listen_host is {self.listen_host!r}: the other "
+                "members cannot dial a wildcard address",
+            )
+        _check_positive("raft.join_timeout", self.join_timeout)
         _check_positive("raft.heartbeat_interval", self.heartbeat_interval)
         if not self.election_timeout > 3 * self.heartbeat_interval:
             _fail(
@@ -431,6 +473,10 @@ def _from_env(environ: Mapping[str, str]) -> Iterator[tuple[_Path, Any, str]]:
                 )
             peers.append({"id": peer_id.strip(), "address": address.strip()})
         yield ("raft", "peers"), peers, source
+    if value := environ.get("RAFT_JOIN", ""):
+        source = "environment variable RAFT_JOIN"
+        yield ("raft", "join"), [a for a in (p.strip() for p in value.split(",")) if a], source
+        yield ("raft", "bootstrap"), False, source
     for var in sorted(environ):
         if var.startswith(_ENV_PREFIX) and environ[var]:
             source = f"environment variable {var}"

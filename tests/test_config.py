@@ -206,6 +206,43 @@ def test_generic_environment_variables() -> None:
     assert (config.watch_retention, config.mode) == (42, "memory")
 
 
+def test_joining_from_the_file_the_environment_and_the_command_line(tmp_path: Path) -> None:
+    from controlplane.cli import _overrides, _parser  # noqa: PLC0415 (the serve flags)
+
+    default = RaftConfig()
+    assert (default.join, default.join_timeout, default.advertise_address) == ((), 120.0, None)
+    path = write(
+        tmp_path,
+        "raft:\n  bootstrap: false\n  join: ['a:7401', 'b:7401']\n  join_timeout: 30\n"
+        "  advertise_address: 'me.example:7400'\n  listen_host: 0.0.0.0\n",
+    )
+    raft = load_config(path, env={}).raft
+    assert (raft.bootstrap, raft.join, raft.join_timeout) == (False, ("a:7401", "b:7401"), 30.0)
+    assert raft.advertise_address == "me.example:7400"
+    # RAFT_JOIN, like --join, also turns bootstrapping off.
+    raft = load_config(env={"RAFT_JOIN": " a:7401, [::1]:7411 ,"}).raft
+    assert (raft.bootstrap, raft.join) == (False, ("a:7401", "[::1]:7411"))
+    assert error_of(env={"RAFT_JOIN": "a:1", "CONTROLPLANE__RAFT__BOOTSTRAP": "true"}) == (
+        "raft.join: a member either forms a new cluster (raft.bootstrap true) or joins a "
+        "running one: set raft.bootstrap to false to join (serve --join does) "
+        "(from environment variable RAFT_JOIN)"
+    )
+
+    def serve(*args: str) -> RaftConfig:
+        flags = _parser().parse_args(["serve", *args])
+        return load_config(env={}, overrides=_overrides(flags)).raft
+
+    raft = serve("--join", "a:7401,b:7401", "--advertise", "10.0.0.4:7400")
+    assert (raft.bootstrap, raft.join) == (False, ("a:7401", "b:7401"))
+    assert raft.advertise_address == "10.0.0.4:7400"
+    raft = serve("--join")  # no addresses: wait for an operator's "member add"
+    assert (raft.bootstrap, raft.join) == (False, ())
+    raft = serve()
+    assert (raft.bootstrap, raft.join) == (True, ())
+    with pytest.raises(InvalidConfigError, match=r"^raft\.join\[1\]: expected host:port"):
+        serve("--join", "a:1,b")
+
+
 def test_empty_environment_variables_are_ignored() -> None:
     env = {"NODE_ID": "", "RAFT_PEERS": "", "RAFT_LISTEN": "", "CONTROLPLANE__RAFT__FSYNC": ""}
     assert load_config(env=env) == Config()
@@ -342,6 +379,16 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"k8s.cluster_name": "a" * 254}, "k8s.cluster_name", "at most 253 characters"),
     ({"k8s.field_manager": "x" * 129}, "k8s.field_manager", "at most 128 characters"),
     ({"raft.bogus": 1}, "raft.bogus", "unknown field"),
+    ({"raft.join": ["h"], "raft.bootstrap": False}, "raft.join[0]", "expected host:port"),
+    ({"raft.join": ["h:1"]}, "raft.join", "set raft.bootstrap to false to join"),
+    ({"raft.join_timeout": 0}, "raft.join_timeout", "must be greater than 0"),
+    ({"raft.advertise_address": "h"}, "raft.advertise_address", "expected host:port"),
+    ({"raft.advertise_address": "h:0"}, "raft.advertise_address", "must not be 0"),
+    (
+        {"raft.join": ["h:1"], "raft.bootstrap": False, "raft.listen_host": "0.0.0.0"},
+        "raft.advertise_address",
+        "is required to join when raft.listen_host is '0.0.0.0'",
+    ),
 ]
 
 

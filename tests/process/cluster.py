@@ -16,6 +16,9 @@ back). A partition is then just switching proxies, with the processes untouched:
 reaches ``b``, ``b`` still reaches ``a``), :meth:`~ProcessCluster.slow` (delay) and
 :meth:`~ProcessCluster.heal`. Client ports are direct unless ``proxy_clients=True``.
 
+A member that is in no initial configuration joins with ``serve --join``:
+:meth:`~ProcessCluster.add_joining_member`, then :meth:`~ProcessCluster.start_joining`.
+
 Process faults: :meth:`~ProcessCluster.kill` (SIGKILL), :meth:`~ProcessCluster.pause` /
 :meth:`~ProcessCluster.resume` (SIGSTOP / SIGCONT), :meth:`~ProcessCluster.restart`.
 Readiness (:meth:`~ProcessCluster.wait_ready`) is read from the members' logs ("member cp-1:
@@ -61,7 +64,7 @@ TIMING: dict[str, Any] = {"heartbeat_interval": 0.05, "election_timeout": 0.5}
 _LEADER_LINE = re.compile(r"member (\S+): leader is now (\S+)")
 _CONFIG_ENV = re.compile(
     r"CONTROL_PLANE_MODE|NODE_ID|CLUSTER_ID|DATA_DIR|K8S_NAMESPACE|RAFT_PEERS|RAFT_LISTEN"
-    r"|CLIENT_LISTEN|HTTP_LISTEN|CONTROLPLANE_CONFIG|CONTROLPLANE__.*"
+    r"|CLIENT_LISTEN|HTTP_LISTEN|RAFT_JOIN|CONTROLPLANE_CONFIG|CONTROLPLANE__.*"
 )
 
 
@@ -622,3 +625,87 @@ class ProcessCluster:
             parts.append(f"--- {member.id} ({state}) {member.log_path} ---")
             parts.extend(tail)
         return "\n".join(parts)
+
+    # --- members that join a running cluster -----------------------------------------------
+
+    def add_joining_member(self) -> int:
+        """Add one more member, ``cp-<index + 1>``, that is in no initial configuration (its
+        ports are picked now); start it with :meth:`start_joining`. Its index.
+
+        Its peer traffic goes through no proxy: it dials the others at the addresses the
+        cluster's configuration records (the leader's view, proxies included), and they dial
+        it directly. :attr:`n` still counts the initial members only.
+        """
+        index = len(self.members)
+        peer, client, http = free_ports(3)
+        member_id = f"cp-{index + 1}"
+        self.members.append(
+            Member(
+                index=index,
+                id=member_id,
+                peer_port=peer,
+                client_port=client,
+                http_port=http,
+                config_path=self.base / f"{member_id}.yaml",
+                data_dir=self.base / f"{member_id}-data",
+                log_path=self.base / f"{member_id}.log",
+            )
+        )
+        return index
+
+    def start_joining(self, i: int, via: Sequence[int]) -> None:
+        """Start member ``i`` (see :meth:`add_joining_member`; again after :meth:`kill`) as
+        ``serve --config ... --join`` the client addresses of members ``via``."""
+        member = self.members[i]
+        if member.running:
+            raise RuntimeError(f"{member.id} is already running")
+        document = {
+            "mode": "raft",
+            "log_level": self.log_level,
+            "raft": {
+                "node_id": member.id,
+                "cluster_id": self.cluster_id,
+                "data_dir": str(member.data_dir),
+                "listen_host": HOST,
+                "listen_port": member.peer_port,
+                "client_host": HOST,
+                "client_port": member.client_port,
+                "http_host": HOST,
+                "http_port": member.http_port,
+                **self.raft_settings,
+            },
+        }
+        member.config_path.write_text(yaml.safe_dump(document, sort_keys=False), "utf-8")
+        join = ",".join(self.members[j].client_address for j in via)
+        # As _spawn, with the flag.
+        env = {k: v for k, v in os.environ.items() if not _CONFIG_ENV.fullmatch(k)}
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")])
+        )
+        member.starts += 1
+        with member.log_path.open("ab") as log:
+            log.write(f"=== harness: start #{member.starts} of {member.id} ===\n".encode())
+            log.flush()
+            member._log_offset = log.tell()
+            member.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "controlplane.cli",
+                    "serve",
+                    "--config",
+                    member.config_path,
+                    "--join",
+                    join,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.base,
+                start_new_session=True,
+            )
+        member.paused = False
+        member.leader = None
+        member._killed = False

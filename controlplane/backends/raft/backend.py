@@ -33,6 +33,7 @@ from ...watch import EventStream, WatchHub
 from ..base import CommandBackend
 from .commandlog import CommandLog
 from .hardstate import FsyncFn, IdentityMismatchError, load_identity
+from .join import join_cluster
 from .node import NodeOptions, RaftNode
 from .ops_http import OpsServer
 from .records import ConfState
@@ -150,9 +151,11 @@ class RaftControlPlane(CommandBackend):
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the data directory (bootstrapping it if new) and join the cluster.
+        """Open the data directory (bootstrapping it if new) and start the member.
 
-        Returns without waiting for a leader; see :meth:`wait_ready`.
+        With ``raft.join`` set, a member that is not in the cluster's configuration yet then
+        joins it through its leader and returns once it is a voter (see :mod:`.join`).
+        Otherwise it returns without waiting for a leader; see :meth:`wait_ready`.
         """
         if self._stopped:
             raise ClosedError("this RaftControlPlane was stopped; create a new one")
@@ -161,7 +164,37 @@ class RaftControlPlane(CommandBackend):
         raft = self.config.raft
         storage = await asyncio.to_thread(_open_storage, raft, self._fsync)
         tls = raft.tls
-        self._node = RaftNode(
+        self._node = node = self._make_node(storage)
+        ops = OpsServer(self, raft.http_host, raft.http_port)
+        service = ClientService(
+            self,
+            raft.client_host,
+            raft.client_port,
+            ssl_context=server_context(tls) if tls else None,
+            max_frame_bytes=raft.max_frame_bytes,
+        )
+        try:
+            await node.start()
+            await ops.start()
+            await service.start()
+            if raft.join:
+                await join_cluster(node, raft)
+        except BaseException:
+            self._node = None  # not started: start() may be tried again
+            await node.stop(transfer=False)
+            await ops.close()
+            await service.close()
+            raise
+        self._ops = ops
+        self._service = service
+        self._duties = asyncio.get_running_loop().create_task(
+            self._duties_loop(), name=f"raft-duties-{raft.node_id}"
+        )
+
+    def _make_node(self, storage: DiskStorage) -> RaftNode:
+        raft = self.config.raft
+        tls = raft.tls
+        return RaftNode(
             raft.node_id,
             raft.cluster_id,
             storage,
@@ -179,29 +212,7 @@ class RaftControlPlane(CommandBackend):
             client_ssl=client_context(tls) if tls else None,
             on_role_change=self._role_changed,
             on_notice=self._heartbeats_received,
-        )
-        ops = OpsServer(self, raft.http_host, raft.http_port)
-        service = ClientService(
-            self,
-            raft.client_host,
-            raft.client_port,
-            ssl_context=server_context(tls) if tls else None,
-            max_frame_bytes=raft.max_frame_bytes,
-        )
-        try:
-            await self._node.start()
-            await ops.start()
-            await service.start()
-        except BaseException:
-            node, self._node = self._node, None  # not started: start() may be tried again
-            await node.stop(transfer=False)
-            await ops.close()
-            await service.close()
-            raise
-        self._ops = ops
-        self._service = service
-        self._duties = asyncio.get_running_loop().create_task(
-            self._duties_loop(), name=f"raft-duties-{raft.node_id}"
+            advertise_address=raft.advertise_address,
         )
 
     async def wait_ready(self, within: float = 30.0) -> None:
@@ -339,7 +350,10 @@ def _open_storage(raft: RaftConfig, fsync: FsyncFn | None = None) -> DiskStorage
         if storage.identity() is None:
             if raft.bootstrap:
                 voters = tuple(sorted({p.id for p in raft.peers} | {raft.node_id}))
-                storage.write_identity(raft.cluster_id, raft.node_id, ConfState(voters=voters))
+                addresses = tuple(sorted((p.id, p.address) for p in raft.peers))
+                storage.write_identity(
+                    raft.cluster_id, raft.node_id, ConfState(voters=voters, addresses=addresses)
+                )
             else:
                 storage.write_identity(raft.cluster_id, raft.node_id, None)
         else:

@@ -31,7 +31,8 @@ Design decisions worth knowing:
   ``InstallSnapshot`` for the driver to stream. The follower installs it and drops its log,
   unless its log holds the snapshot's last entry (same index and term): then it keeps its log
   and only commits up to there (§7).
-- Membership: a ``CONF_CHANGE`` entry carries the complete new :class:`ConfState`, and a
+- Membership: a ``CONF_CHANGE`` entry carries the complete new :class:`ConfState` (with the
+  members' peer addresses, for the drivers), and a
   member uses the latest configuration in its log from the moment the entry is *appended*,
   committed or not (Raft thesis §4.1). Should the entry be truncated, the member reverts to the
   previous one. Changes go one member at a time, and a leader refuses a new change until it has
@@ -242,9 +243,21 @@ class RaftCore:
         self._needs_flush = True
         return index
 
-    def propose_conf_change(self, change: ConfChangeType, member: str) -> int:
+    def propose_conf_change(
+        self,
+        change: ConfChangeType,
+        member: str,
+        address: str | None = None,
+        *,
+        own_address: str | None = None,
+    ) -> int:
         """Propose a membership change of one member; returns the entry's index. The new
         configuration is in force as soon as the entry is appended.
+
+        The new configuration keeps the peer addresses of the current one, except that
+        ``address`` (``host:port``, if given) becomes ``member``'s, a removed member's is
+        dropped, and ``own_address`` is recorded for this leader if it has none yet (a
+        cluster bootstrapped without a peer list), so that every member can reach it.
 
         Raises :class:`NotLeader`, :class:`Busy` subclasses (an earlier change or the leader's
         first entry is not committed yet; a learner is not caught up) or
@@ -287,7 +300,15 @@ class RaftCore:
                     f"learner {member} holds entries up to {match}, the commit index is "
                     f"{log.committed}; retry once it has caught up"
                 )
-        conf = ConfState(tuple(sorted(voters)), tuple(sorted(learners)))
+        members = voters | learners
+        addresses = {m: a for m, a in self.conf.addresses if m in members}
+        if address and member in members:
+            addresses[member] = address
+        if own_address and self.id not in addresses and self.id in voters:
+            addresses[self.id] = own_address
+        conf = ConfState(
+            tuple(sorted(voters)), tuple(sorted(learners)), tuple(sorted(addresses.items()))
+        )
         index = log.last_index() + 1
         self._append((Entry(index, self.term, EntryType.CONF_CHANGE, encode_conf_state(conf)),))
         self._needs_flush = True

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from ...config import parse_address
 from ...errors import (
     ClosedError,
     ControlPlaneError,
@@ -51,7 +52,7 @@ from .core import (
     Ready,
     Role,
 )
-from .messages import InstallSnapshot, Message
+from .messages import Heartbeat, InstallSnapshot, Message
 from .records import ConfState, Entry, EntryType, SnapshotMeta
 from .storage import DiskStorage
 from .transport import PeerTransport, TransportOptions
@@ -153,7 +154,17 @@ class SnapshotChunk(_DriverMessage, frozen=True, tag=35):
     """On the last chunk: CRC-32 of the whole data."""
 
 
-PeerMessage = Message | ForwardProposal | ForwardReply | LeaderNotice | SnapshotChunk
+class LeaderAddress(_DriverMessage, frozen=True, tag=36):
+    """The leader's peer address (``host:port``), for a member that may not know it: one
+    that joined with no peer list answers the leader only once it knows where to, and it
+    learns the addresses from the log only once it can answer."""
+
+    address: str
+
+
+PeerMessage = (
+    Message | ForwardProposal | ForwardReply | LeaderNotice | SnapshotChunk | LeaderAddress
+)
 MessageFilter = Callable[[PeerMessage], bool]
 """Test seam (:attr:`RaftNode.message_filter`): return False to drop a message."""
 _DECODER: msgspec.msgpack.Decoder[PeerMessage] = msgspec.msgpack.Decoder(PeerMessage)
@@ -170,10 +181,20 @@ class _Waiter:
 class RaftNode:
     """One Raft member: core + :class:`DiskStorage` + :class:`PeerTransport` + an :class:`Fsm`.
 
-    ``peers`` maps every other member's id to its ``(host, port)``; it can change at run time
+    ``peers`` maps other members' ids to their ``(host, port)``; it can change at run time
     with :meth:`set_peer`. ``on_role_change(leader_id, is_leader)`` is called on the loop when
     the known leader changes; ``on_notice(payload)`` is called on the leader for each
-    :meth:`notify_leader` payload.
+    :meth:`notify_leader` payload. ``advertise_address`` (``host:port``) is where the other
+    members reach this one; by default the listen host and the bound port.
+
+    Peer addresses follow one rule. Addresses set locally -- ``peers`` and :meth:`set_peer`
+    -- always win: they may route traffic through a proxy (the process tests' fault proxies)
+    or override a stale address. For every other member the address recorded in the
+    configuration in force (``ConfState.addresses``, from the log or a snapshot) is used, and
+    updated whenever that configuration changes: at start, when a membership change is
+    appended, when a snapshot is installed. No address is ever taken for this member itself,
+    and the address of a member that leaves the configuration is kept (a leader replicates
+    to a removed member until its removal commits).
     """
 
     def __init__(
@@ -193,6 +214,7 @@ class RaftNode:
         on_role_change: Callable[[str | None, bool], None] | None = None,
         on_notice: Callable[[bytes], None] | None = None,
         rng: random.Random | None = None,
+        advertise_address: str | None = None,
     ) -> None:
         self.id = member_id
         self.cluster_id = cluster_id
@@ -203,6 +225,12 @@ class RaftNode:
         self._on_role_change = on_role_change
         self._on_notice = on_notice
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-{member_id}")
+        if advertise_address is not None:
+            parse_address(advertise_address)
+        self._advertise = advertise_address
+        self._pinned = set(peers or ()) - {member_id}
+        """Members whose address was set locally: the replicated one never replaces it."""
+        self._synced_conf: ConfState | None = None
         self.transport: PeerTransport[PeerMessage] = PeerTransport(
             member_id,
             cluster_id,
@@ -211,6 +239,7 @@ class RaftNode:
             host=host,
             port=port,
             peers=peers,
+            accept_from=self._accept_peer,
             server_ssl=server_ssl,
             client_ssl=client_ssl,
             options=transport_options,
@@ -295,6 +324,21 @@ class RaftNode:
         return self.core.conf if self.core else ConfState()
 
     @property
+    def advertise_address(self) -> str | None:
+        """``host:port`` where the other members reach this one: the configured address, else
+        the listen host and the bound port (None before the start, or when the listener is
+        bound to a wildcard address, which peers cannot dial)."""
+        if self._advertise is not None:
+            return self._advertise
+        try:
+            host, port = self.transport.address
+        except ClosedError:
+            return None
+        if host in ("", "0.0.0.0", "::"):
+            return None
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    @property
     def failure(self) -> BaseException | None:
         """Why the node stopped on its own (a storage failure), if it did."""
         return self._failure
@@ -313,6 +357,7 @@ class RaftNode:
         self.core = RaftCore(
             self.id, self._storage, self.options.core_config(), self._rng, applied=applied
         )
+        self._sync_peers(self.core.conf)
         await self.transport.start()
         loop = asyncio.get_running_loop()
         self._main = loop.create_task(self._run(), name=f"raft-loop-{self.id}")
@@ -528,13 +573,23 @@ class RaftNode:
             finally:
                 self._forwarded.pop(request, None)
 
-    async def change_membership(self, change: ConfChangeType, member: str) -> None:
-        """Add a learner or voter, promote a learner, remove a member (leader only)."""
+    async def change_membership(
+        self, change: ConfChangeType, member: str, address: str | None = None
+    ) -> None:
+        """Add a learner or voter, promote a learner, remove a member (leader only).
+
+        ``address`` (``host:port`` of ``member``'s peer listener) is recorded in the new
+        configuration, so that every member, present and future, can reach ``member``.
+        """
         core = self._require_core()
         if not self.is_leader:
             raise NotLeaderError(leader_id=self._leader)
+        if address:
+            parse_address(address)
         try:
-            index = core.propose_conf_change(change, member)
+            index = core.propose_conf_change(
+                change, member, address, own_address=self.advertise_address
+            )
         except NotLeader as exc:
             raise NotLeaderError(leader_id=self._leader) from exc
         except Busy as exc:
@@ -579,8 +634,40 @@ class RaftNode:
             ) from None
 
     def set_peer(self, member_id: str, host: str, port: int) -> None:
-        """Set (or change) the address of a member."""
+        """Set (or change) the address of a member: a local setting, which the addresses in
+        the replicated configuration no longer replace (see the class docstring)."""
+        self._pinned.add(member_id)
         self.transport.set_peer(member_id, host, port)
+
+    def _sync_peers(self, conf: ConfState) -> None:
+        """Take the addresses of ``conf`` (the configuration in force) for the members whose
+        address was not set locally."""
+        self._synced_conf = conf
+        for member, address in conf.addresses:
+            if member == self.id or member in self._pinned:
+                continue
+            try:
+                host, port = parse_address(address)
+            except ControlPlaneError:
+                _log.warning(
+                    "member %s: ignoring the invalid address %r of %s", self.id, address, member
+                )
+                continue
+            if self.transport.peers.get(member) != (host, port):
+                _log.info("member %s: %s is at %s", self.id, member, address)
+                self.transport.set_peer(member, host, port)
+
+    def _accept_peer(self, sender: str) -> bool:
+        """Whether to accept a connection from member ``sender`` (after the handshake checked
+        the cluster id, and TLS the certificate)."""
+        if sender in self.transport.peers:
+            return True
+        conf = self.conf
+        if sender in conf.voters or sender in conf.learners:
+            return True
+        # A member that is not in its own configuration yet (it is joining) cannot know the
+        # others: the leader contacts it first, and the log it sends carries the addresses.
+        return self.id not in conf.voters and self.id not in conf.learners
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -705,6 +792,13 @@ class RaftNode:
                     self._send(msg.src, ForwardReply(core.term, self.id, msg.src, msg.request))
         elif isinstance(msg, SnapshotChunk):
             self._receive_chunk(msg)
+        elif isinstance(msg, LeaderAddress):
+            # Only where nothing else says: the configuration's address replaces it later.
+            if msg.src not in self._pinned and msg.src not in self.transport.peers:
+                with contextlib.suppress(ControlPlaneError):
+                    host, port = parse_address(msg.address)
+                    _log.info("member %s: leader %s is at %s", self.id, msg.src, msg.address)
+                    self.transport.set_peer(msg.src, host, port)
         elif isinstance(msg, InstallSnapshot):
             ready = self._ready_snapshots.get(msg.src)
             if ready is not None and ready[0] == msg.meta:
@@ -737,6 +831,8 @@ class RaftNode:
         self._send(msg.src, reply)
 
     async def _handle_ready(self, core: RaftCore, rd: Ready) -> None:
+        if core.conf is not self._synced_conf:  # before sending: a new member needs its address
+            self._sync_peers(core.conf)
         if rd.soft_state is not None:
             self._set_soft_state(rd.soft_state.lead, rd.soft_state.role)
         if rd.snapshot is not None:
@@ -749,12 +845,30 @@ class RaftNode:
                 self._start_snapshot_send(core, msg)
             else:
                 self._send(msg.dst, msg)
+        if core.role is Role.LEADER:
+            self._introduce(core, rd.messages)
         if rd.committed_entries:
             self._apply(rd.committed_entries)
         for read in rd.read_states:
             future = self._read_waiters.pop(read.ctx, None)
             if future is not None and not future.done():
                 future.set_result(read.index)
+
+    def _introduce(self, core: RaftCore, messages: list[Message]) -> None:
+        """Tell the members this leader heart-beats, that never answered it and that were
+        not configured locally (they joined) where it listens: they may not know."""
+        address = self.advertise_address
+        if address is None:
+            return
+        told: set[str] = set()
+        for msg in messages:
+            dst = msg.dst
+            if not isinstance(msg, Heartbeat) or dst in told or dst in self._pinned:
+                continue
+            pr = core.tracker.progress.get(dst)
+            if pr is not None and pr.match == 0:
+                told.add(dst)
+                self._send(dst, LeaderAddress(core.term, self.id, dst, address))
 
     def _set_soft_state(self, leader: str | None, role: Role) -> None:
         changed = leader != self._leader or role is not self._role

@@ -38,10 +38,23 @@ class HardState(msgspec.Struct, frozen=True, gc=False, array_like=True):
 
 
 class ConfState(msgspec.Struct, frozen=True, gc=False, array_like=True):
-    """A cluster membership configuration: voting members and non-voting learners."""
+    """A cluster membership configuration: voting members and non-voting learners.
+
+    ``addresses`` pairs member ids with the ``host:port`` of their peer listener, sorted by
+    id, so that every member learns how to reach the others from the log or a snapshot. It
+    may lack members (a cluster bootstrapped without a peer list records none).
+    """
 
     voters: tuple[str, ...] = ()
     learners: tuple[str, ...] = ()
+    addresses: tuple[tuple[str, str], ...] = ()
+
+    def address_of(self, member: str) -> str | None:
+        """The recorded peer address of ``member``, if any."""
+        for member_id, address in self.addresses:
+            if member_id == member:
+                return address
+        return None
 
 
 class SnapshotMeta(msgspec.Struct, frozen=True, gc=False, array_like=True):

@@ -27,7 +27,6 @@ import msgspec
 
 from ...codec import decode_command, encode_command, encode_state
 from ...commands import ClientCommand, validate
-from ...config import parse_address
 from ...errors import (
     ControlPlaneError,
     InvalidRequestError,
@@ -491,9 +490,7 @@ class _Connection:
                         f"leader ({node.leader_id or 'none known now'})",
                         leader_id=node.leader_id,
                     )
-                if address:
-                    node.set_peer(member, *parse_address(address))
-                await node.change_membership(change, member)
+                await node.change_membership(change, member, address or None)
                 return VersionReply(request=rid, version=self._version())
             case TransferLeader(request=rid, to=to):
                 await node.transfer_leadership(to)
