@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
         help="where the other members reach this one's peer listener (default: --listen)",
     )
     serve.add_argument("--log-level", dest="log_level", help="DEBUG, INFO, WARNING, ...")
+    serve.add_argument(
+        "--test-clock-file",
+        help="tests only: read the control plane's wall clock from this file, written by a "
+        "test (controlplane.testing.file_clock); locks and node timeouts then expire only when "
+        "the test moves that clock",
+    )
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -268,19 +274,40 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-async def _serve(config: Config) -> None:
+async def _serve(config: Config, clock_file: str | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    cp = await open_control_plane(config)
+    clock = None
+    if clock_file is not None:
+        from .testing.file_clock import FileClock  # noqa: PLC0415 (tests only)
+
+        clock = FileClock(clock_file)
+        _log.warning("the wall clock is read from %s (a test's fake clock)", clock_file)
+    cp = await open_control_plane(config, clock=clock)
+    follower: asyncio.Task[None] | None = None
     try:
+        if clock is not None:
+            follower = loop.create_task(_follow_test_clock(cp, clock, config))
         health = await cp.health()
         _log.info("serving (%s backend, mode %s): %s", health.backend, config.mode, health.detail)
         await stop.wait()
         _log.info("stopping")
     finally:
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
         await cp.stop()
+
+
+async def _follow_test_clock(cp: Any, clock: Any, config: Config) -> None:
+    """Tests only: run the periodic duties whenever the test moves the clock."""
+    from .testing.file_clock import ack_path, follow_clock  # noqa: PLC0415
+
+    raft = config.raft
+    await follow_clock(cp, clock, ack_path(clock.path, raft.cluster_id, raft.node_id))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -298,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(config))
+            asyncio.run(_serve(config, args.test_clock_file))
     except ControlPlaneError as exc:
         print(f"controlplane: error: {exc}", file=sys.stderr)
         return 1

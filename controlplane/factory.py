@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, load_config, override_config, resolve_mode
@@ -18,13 +19,19 @@ _WHY_AUTO = {
 }
 
 
-async def open_control_plane(config: Config | None = None, **overrides: Any) -> ControlPlane:
+async def open_control_plane(
+    config: Config | None = None,
+    *,
+    clock: Callable[[], float] | None = None,
+    **overrides: Any,
+) -> ControlPlane:
     """Build the backend ``config`` asks for, start it and return it.
 
     Without ``config``, the configuration is read with :func:`~controlplane.config.load_config`
     (the file named by ``CONTROLPLANE_CONFIG``, then the environment). ``overrides`` are
     applied on top, keyed by field path (``mode="memory"``, ``raft__node_id="cp-2"``).
-    Stop the result with ``await cp.stop()``, or use it as ``async with``.
+    Stop the result with ``await cp.stop()``, or use it as ``async with``. ``clock`` replaces
+    the wall clock the backend stamps its commands with (tests; default ``time.time``).
 
     Raises :class:`~controlplane.errors.InvalidConfigError` for a bad configuration and
     :class:`~controlplane.errors.NotAvailableYetError` for a mode this version lacks.
@@ -38,11 +45,11 @@ async def open_control_plane(config: Config | None = None, **overrides: Any) -> 
     if mode == "memory":
         from .backends.memory import MemoryControlPlane  # noqa: PLC0415 (imported on demand)
 
-        cp = MemoryControlPlane(config)
+        cp = MemoryControlPlane(config, clock=clock)
     elif mode == "raft":
         from .backends.raft.backend import RaftControlPlane  # noqa: PLC0415
 
-        cp = RaftControlPlane(config)
+        cp = RaftControlPlane(config, clock=clock)
     else:
         chosen = f"mode {mode!r}"
         if config.mode == "auto":

@@ -2,13 +2,16 @@
 
 Adding a backend to the suite is adding one entry to ``HARNESSES`` (a factory of a fresh
 :class:`~controlplane.testing.BackendHarness` per test); every check then runs against it.
+A harness with a ``kill_all()`` method (one that starts processes) has it called at teardown,
+whatever happened in the test, and ``remove_files()`` after that if it has one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
+from process.harness import ProcessClientHarness  # tests/ is on sys.path (tests/conftest.py)
 
 from controlplane.testing import BackendHarness, MemoryHarness
 from controlplane.testing.client_harness import RaftClientHarness
@@ -19,11 +22,19 @@ HARNESSES: dict[str, Callable[[], BackendHarness]] = {
     "raft-single": lambda: RaftHarness(members=1),
     "raft-3-in-process": lambda: RaftHarness(members=3),
     "raft-client-3-in-process": lambda: RaftClientHarness(members=3),
+    "raft-client-3-processes": lambda: ProcessClientHarness(members=3),
 }
 
 
 @pytest.fixture(params=sorted(HARNESSES))
-def harness(request: pytest.FixtureRequest) -> BackendHarness:
-    """A fresh harness of each backend under test."""
+def harness(request: pytest.FixtureRequest) -> Iterator[BackendHarness]:
+    """A fresh harness of each backend under test; its processes are killed at teardown."""
     factory = HARNESSES[request.param]
-    return factory()
+    made = factory()
+    try:
+        yield made
+    finally:
+        for cleanup in ("kill_all", "remove_files"):
+            method = getattr(made, cleanup, None)
+            if method is not None:
+                method()

@@ -152,7 +152,8 @@ class ProcessCluster:
     """``n`` ``controlplane serve`` processes; use as ``async with ProcessCluster(...) as c``.
 
     Members are addressed by index (0-based) in every method. ``raft`` adds or overrides
-    ``raft.*`` settings of every member (default :data:`TIMING`).
+    ``raft.*`` settings of every member (default :data:`TIMING`), ``settings`` top-level ones
+    (``watch_retention``); ``serve_args`` are appended to every member's ``serve`` command.
     """
 
     def __init__(
@@ -164,6 +165,8 @@ class ProcessCluster:
         proxy_clients: bool = False,
         raft: Mapping[str, Any] | None = None,
         log_level: str = "INFO",
+        settings: Mapping[str, Any] | None = None,
+        serve_args: Sequence[str] = (),
     ) -> None:
         if n < 1:
             raise ValueError("a cluster has at least one member")
@@ -173,6 +176,10 @@ class ProcessCluster:
         self.proxy_clients = proxy_clients
         self.raft_settings = {**TIMING, **(raft or {})}
         self.log_level = log_level
+        self.settings = dict(settings or {})
+        """Top-level settings of every member's configuration (``watch_retention``, ...)."""
+        self.serve_args = list(serve_args)
+        """Extra arguments of every member's ``serve`` command line."""
         links = [(a, b) for a in range(n) for b in range(n) if a != b]
         ports = free_ports(3 * n + len(links) + (n if proxy_clients else 0))
         proxy_ports = iter(ports[3 * n :])
@@ -259,6 +266,7 @@ class ProcessCluster:
         document = {
             "mode": "raft",
             "log_level": self.log_level,
+            **self.settings,
             "raft": {
                 "node_id": member.id,
                 "cluster_id": self.cluster_id,
@@ -291,7 +299,15 @@ class ProcessCluster:
             log.flush()
             member._log_offset = log.tell()
             member.process = subprocess.Popen(
-                [sys.executable, "-m", "controlplane.cli", "serve", "--config", member.config_path],
+                [
+                    sys.executable,
+                    "-m",
+                    "controlplane.cli",
+                    "serve",
+                    "--config",
+                    member.config_path,
+                    *self.serve_args,
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
