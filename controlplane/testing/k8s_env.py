@@ -94,11 +94,13 @@ class _Issued:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        return _key_pem(self.key)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _issue(
@@ -389,7 +391,7 @@ class KubeEnv:
             "serving.key": serving.key_pem(),
             "admin.crt": admin.cert_pem(),
             "admin.key": admin.key_pem(),
-            "sa.key": _Issued(admin.cert, signing).key_pem(),
+            "sa.key": _key_pem(signing),
             "sa.pub": signing.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             ),

@@ -3,18 +3,35 @@ RBAC and service-account tokens, cleaned up after use."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from cryptography import x509
 from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from controlplane.testing.k8s_env import KUBERNETES_VERSION, KubeEnv, KubeEnvError
 
 pytestmark = pytest.mark.anyio
+
+
+async def _status_until(
+    env: KubeEnv, path: str, token: str, wanted: int, within: float = 10.0
+) -> tuple[int, Any]:
+    """GET ``path`` until it answers ``wanted`` (RBAC and token caches follow writes within
+    moments, not at once); the last answer after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        status, body = await env.request("GET", path, token=token)
+        if status == wanted or time.monotonic() >= deadline:
+            return status, body
+        await asyncio.sleep(0.05)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -34,6 +51,19 @@ async def test_version_is_the_pinned_release(kube_env: KubeEnv) -> None:
     async with kube_env.api_client() as api:  # the kubeconfig's admin, through the client
         info = await k8s.VersionApi(api).get_code()
     assert info.git_version == KUBERNETES_VERSION
+
+
+async def test_kubeconfig_loads_with_the_client(kube_env: KubeEnv, tmp_path: Path) -> None:
+    api = await config.new_client_from_config(
+        config_file=str(kube_env.kubeconfig_path),
+        persist_config=False,
+        temp_file_path=str(tmp_path),  # the embedded certificates are written here
+    )
+    async with api:
+        review = await k8s.AuthenticationV1Api(api).create_self_subject_review({})
+    user = review.status.user_info
+    assert user.username == "controlplane-test-admin"
+    assert "system:masters" in user.groups
 
 
 async def test_certificates_carry_key_identifiers(kube_env: KubeEnv) -> None:
@@ -62,7 +92,7 @@ async def test_rbac_is_enforced_for_service_accounts(kube_env: KubeEnv, namespac
     token = await kube_env.service_account_token(namespace, "reader")
     path = f"/api/v1/namespaces/{namespace}/configmaps"
 
-    status, body = await kube_env.request("GET", path, token=token)
+    status, body = await _status_until(kube_env, path, token, 403)
     assert status == 403, body
     assert f"system:serviceaccount:{namespace}:reader" in body["message"]
 
@@ -88,7 +118,7 @@ async def test_rbac_is_enforced_for_service_accounts(kube_env: KubeEnv, namespac
                 "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
             },
         )
-    status, body = await kube_env.request("GET", path, token=token)
+    status, body = await _status_until(kube_env, path, token, 200)
     assert status == 200, body
     # ... and nothing more: another namespace's config maps stay out of reach
     status, _ = await kube_env.request("GET", "/api/v1/namespaces/default/configmaps", token=token)
