@@ -37,9 +37,20 @@ def enc_hook(obj: Any) -> Any:
 
 def dec_hook(tp: Any, obj: Any) -> Any:
     """Decode plain mappings back into typed persistent maps."""
+    return _to_map(tp, obj, str_keys=False)
+
+
+def _json_dec_hook(tp: Any, obj: Any) -> Any:
+    # From JSON every mapping key is a string: the int keys of ClientSession.results too.
+    return _to_map(tp, obj, str_keys=True)
+
+
+def _to_map(tp: Any, obj: Any, *, str_keys: bool) -> Any:
     if typing.get_origin(tp) is immutables.Map:
         key, value = typing.get_args(tp)
-        return immutables.Map(msgspec.convert(obj, dict[key, value]))  # type: ignore[valid-type]
+        return immutables.Map(
+            msgspec.convert(obj, dict[key, value], str_keys=str_keys)  # type: ignore[valid-type]
+        )
     raise NotImplementedError(f"cannot decode {tp!r}")
 
 
@@ -49,7 +60,7 @@ _command_decoder: msgspec.msgpack.Decoder[Command] = msgspec.msgpack.Decoder(
     Command, dec_hook=dec_hook
 )
 _state_decoder = msgspec.msgpack.Decoder(ClusterState, dec_hook=dec_hook)
-_state_json_decoder = msgspec.json.Decoder(ClusterState, dec_hook=dec_hook)
+_state_json_decoder = msgspec.json.Decoder(ClusterState, dec_hook=_json_dec_hook)
 
 
 def encode_command(command: Command) -> bytes:

@@ -663,6 +663,9 @@ class StateMachine:
         session = ClientSession(
             client_id=cmd.client_id, acked=acked, results=results, last_seen=self._now
         )
+        # Read the table again: RestoreState replaced it with the restored state's sessions,
+        # which must survive (the caller's own session is then added to them).
+        sessions = self._get("sessions")
         self._changes["sessions"] = sessions.set(cmd.client_id, session)
         heapq.heappush(self._session_expiry, (self._now, cmd.client_id))
         self._expire_sessions()
