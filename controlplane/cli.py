@@ -31,6 +31,7 @@ from .factory import open_control_plane
 
 if TYPE_CHECKING:
     from .backends.raft.client import RaftClient
+    from .protocol import ControlPlane
 
 __all__ = ["main"]
 
@@ -274,6 +275,27 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
+async def _open_unless_stopped(
+    config: Config, clock: Callable[[], float] | None, stop: asyncio.Event
+) -> ControlPlane | None:
+    """Open the control plane, or give up (``None``) when ``stop`` is set first: start-up may
+    wait long, e.g. a member joining through a leader that cannot be reached yet."""
+    opening = asyncio.ensure_future(open_control_plane(config, clock=clock))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not opening.done():
+            opening.cancel()  # start() cleans up what it started
+    try:
+        return await opening
+    except asyncio.CancelledError:
+        if stop.is_set():
+            return None
+        raise
+
+
 async def _serve(config: Config, clock_file: str | None = None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -285,7 +307,10 @@ async def _serve(config: Config, clock_file: str | None = None) -> None:
 
         clock = FileClock(clock_file)
         _log.warning("the wall clock is read from %s (a test's fake clock)", clock_file)
-    cp = await open_control_plane(config, clock=clock)
+    cp = await _open_unless_stopped(config, clock, stop)
+    if cp is None:
+        _log.info("stopped before start-up completed")
+        return
     follower: asyncio.Task[None] | None = None
     try:
         if clock is not None:

@@ -90,3 +90,19 @@ async def test_a_member_joins_with_serve_join_and_outlives_the_leader(
                 cluster.check_exits()
             finally:
                 await client.stop()
+
+
+async def test_sigterm_stops_a_member_still_waiting_to_join(process_cluster: Make) -> None:
+    """A joiner whose cluster cannot be reached yet stops cleanly on SIGTERM instead of
+    waiting out ``raft.join_timeout``."""
+    with anyio.fail_after(90):
+        cluster = process_cluster(1)
+        await cluster.start()
+        await cluster.kill(0)  # nothing answers on its client port any more
+        new = cluster.add_joining_member()
+        cluster.start_joining(new, via=[0])
+        while "joining" not in cluster.log_text(new):
+            cluster.check_exits()
+            await asyncio.sleep(0.05)
+        assert await cluster.terminate(new, within=30.0) == 0
+    assert "stopped before start-up completed" in cluster.log_text(new)
