@@ -251,7 +251,9 @@ class ProcessCluster:
         for member in self.members:
             self._spawn(member)
 
-    def _write_config(self, member: Member) -> None:
+    def _write_config(self, member: Member, *, joining: bool = False) -> None:
+        """Write member's YAML: the initial members list each other (through the link
+        proxies); a joining member lists none and learns them from the cluster."""
         peers = [
             {
                 "id": other.id,
@@ -261,7 +263,8 @@ class ProcessCluster:
                     else self.links[member.index, other.index].address
                 ),
             }
-            for other in self.members
+            for other in self.members[: self.n]
+            if not joining
         ]
         document = {
             "mode": "raft",
@@ -277,14 +280,14 @@ class ProcessCluster:
                 "client_port": member.client_port,
                 "http_host": HOST,
                 "http_port": member.http_port,
-                "peers": peers,
+                **({"peers": peers} if peers else {}),
                 **self.raft_settings,
             },
         }
         member.config_path.write_text(yaml.safe_dump(document, sort_keys=False), "utf-8")
         load_config(member.config_path, {})  # fail here, with the field's name, if invalid
 
-    def _spawn(self, member: Member) -> None:
+    def _spawn(self, member: Member, extra_args: Sequence[str] = ()) -> None:
         if member.running:
             raise RuntimeError(f"{member.id} is already running")
         env = {k: v for k, v in os.environ.items() if not _CONFIG_ENV.fullmatch(k)}
@@ -307,6 +310,7 @@ class ProcessCluster:
                     "--config",
                     member.config_path,
                     *self.serve_args,
+                    *extra_args,
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -675,53 +679,6 @@ class ProcessCluster:
         member = self.members[i]
         if member.running:
             raise RuntimeError(f"{member.id} is already running")
-        document = {
-            "mode": "raft",
-            "log_level": self.log_level,
-            "raft": {
-                "node_id": member.id,
-                "cluster_id": self.cluster_id,
-                "data_dir": str(member.data_dir),
-                "listen_host": HOST,
-                "listen_port": member.peer_port,
-                "client_host": HOST,
-                "client_port": member.client_port,
-                "http_host": HOST,
-                "http_port": member.http_port,
-                **self.raft_settings,
-            },
-        }
-        member.config_path.write_text(yaml.safe_dump(document, sort_keys=False), "utf-8")
+        self._write_config(member, joining=True)
         join = ",".join(self.members[j].client_address for j in via)
-        # As _spawn, with the flag.
-        env = {k: v for k, v in os.environ.items() if not _CONFIG_ENV.fullmatch(k)}
-        env["PYTHONUNBUFFERED"] = "1"
-        env["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(_SOURCE_ROOT), os.environ.get("PYTHONPATH")])
-        )
-        member.starts += 1
-        with member.log_path.open("ab") as log:
-            log.write(f"=== harness: start #{member.starts} of {member.id} ===\n".encode())
-            log.flush()
-            member._log_offset = log.tell()
-            member.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "controlplane.cli",
-                    "serve",
-                    "--config",
-                    member.config_path,
-                    "--join",
-                    join,
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.base,
-                start_new_session=True,
-            )
-        member.paused = False
-        member.leader = None
-        member._killed = False
+        self._spawn(member, ["--join", join])
