@@ -262,6 +262,7 @@ class KubeEnv:
         """Every process id this environment started (for checks that they are gone)."""
         self._owns_directory = False
         self._started = False
+        self._installed_crds: dict[str, Mapping[str, Any]] = {}
 
     # lifecycle --------------------------------------------------------------------------
 
@@ -354,6 +355,62 @@ class KubeEnv:
                 _LIVE_GROUPS.discard(process.pid)
             self._processes.clear()
 
+    async def restart_apiserver(
+        self, *, kill: bool = False, grace: float = 3.0, within: float | None = None
+    ) -> None:
+        """Stop kube-apiserver (SIGTERM, SIGKILL after ``grace`` seconds; SIGKILL at once with
+        ``kill``) and start it again on the same port with the same arguments and etcd (the
+        data survives); return once ``/readyz`` answers ``ok`` and every CRD installed through
+        :meth:`install_crds` lists again (:class:`KubeEnvError` after ``within`` seconds, by
+        default ``start_timeout``). Open watches end; clients see connection errors meanwhile.
+
+        On SIGTERM, kube-apiserver v1.36.3 closes its listener and its watches at once, but
+        its process lingers for more than ten seconds: ``grace`` bounds that wait.
+        """
+        apiserver = next((p for p in self._processes if p.name == "kube-apiserver"), None)
+        if apiserver is None:
+            raise RuntimeError("KubeEnv is not running")
+        await apiserver.stop(grace=0.0 if kill else grace)
+        self._processes.remove(apiserver)
+        deadline = time.monotonic() + (self.start_timeout if within is None else within)
+        await self._start_apiserver(deadline)
+        # /readyz says ok before the custom resources' paths are back (503 "the request has
+        # been made before all known HTTP paths have been installed"): wait for them too
+        if self._installed_crds:
+            async with self.api_client() as api:
+                extensions = k8s.ApiextensionsV1Api(api)
+                for crd in self._installed_crds.values():
+                    await self._wait_crd_served(extensions, crd, deadline)
+
+    async def etcd_request(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A request to etcd's HTTP/JSON gateway (``/v3/kv/range``, ``/v3/kv/compaction``,
+        ...): keys and values in the body are base64, integers are strings."""
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30.0)) as session,
+            session.post(self.etcd_url + path, json=dict(body)) as response,
+        ):
+            answer = await response.json(content_type=None)
+            if response.status != 200:
+                raise KubeEnvError(f"etcd {path}: HTTP {response.status}: {answer}")
+            return dict(answer)
+
+    async def etcd_revision(self) -> int:
+        """etcd's current revision (the newest resourceVersion of the API server)."""
+        answer = await self.etcd_request(
+            "/v3/kv/range", {"key": base64.b64encode(b"/").decode(), "limit": "1"}
+        )
+        return int(answer["header"]["revision"])
+
+    async def compact_etcd(self, revision: int | None = None) -> int:
+        """Compact etcd's history up to ``revision`` (default: the current one), as the API
+        server does every five minutes: watches and continue tokens from older
+        resourceVersions then fail with 410 Gone (where the watch cache does not serve them).
+        Returns the revision compacted at."""
+        if revision is None:
+            revision = await self.etcd_revision()
+        await self.etcd_request("/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
+
     def logs_tail(self, lines: int = 40) -> str:
         """The last ``lines`` lines of each process's log."""
         return "\n".join(_tail(p.log, lines) for p in self._processes)
@@ -428,6 +485,10 @@ class KubeEnv:
         self._processes.append(etcd)
         self.started_pids.append(etcd.pid)
         await self._wait_http(etcd, f"{self.etcd_url}/health", deadline)
+        await self._start_apiserver(deadline)
+
+    async def _start_apiserver(self, deadline: float) -> None:
+        assert self._apiserver_binary is not None
         pki = self.directory / "pki"
         apiserver = _Process(
             "kube-apiserver",
@@ -629,6 +690,7 @@ class KubeEnv:
             deadline = time.monotonic() + within
             for document in documents:
                 await self._wait_crd_served(extensions, document, deadline)
+                self._installed_crds[document["metadata"]["name"]] = document
         return names
 
     async def _wait_crd_served(
