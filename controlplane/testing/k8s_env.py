@@ -7,7 +7,9 @@ so that strict X.509 verification accepts them), client-certificate authenticati
 in ``system:masters``), RBAC authorization, a service-account signing key and issuer, and a
 service cluster IP range. It writes a kubeconfig for the admin and offers the helpers tests
 need: :meth:`KubeEnv.api_client`, :meth:`KubeEnv.create_namespace`,
-:meth:`KubeEnv.install_crds` and :meth:`KubeEnv.service_account_token`.
+:meth:`KubeEnv.install_crds` and :meth:`KubeEnv.service_account_token`; and for fault tests
+:meth:`KubeEnv.restart_apiserver` (same port, same etcd) and :meth:`KubeEnv.compact_etcd`
+(through etcd's HTTP/JSON gateway, so that old resourceVersions answer 410 Gone).
 
 There is no controller-manager: namespaces are not finalized after deletion, no
 ``default`` service account appears by itself, and the admission plugins that depend on

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from controlplane.backends.k8s.informer import (
     ListWatch,
     ObjectKey,
 )
+from controlplane.errors import NotFoundError
 from controlplane.testing.k8s_env import HOST, KubeEnv
 
 pytestmark = pytest.mark.anyio
@@ -419,3 +421,79 @@ async def test_apiserver_restart_mid_watch_loses_and_doubles_nothing(
         # every write the watch could see is there; a re-list may fold writes it missed
         if informer.stats.lists == 1:
             assert set(written) <= set(versions)
+
+
+async def test_bookmarks_advance_the_resource_version_between_watches(
+    kube_env: KubeEnv, namespace: str
+) -> None:
+    async with kube_env.api_client() as api, kube_env.api_client() as writer:
+        # the watch cache sends a bookmark about 2 s before a watch's timeoutSeconds ends (and
+        # every minute): a 3-6 s timeout gets one before the next watch starts
+        informer = Informer(ListWatch.leases(api, namespace), watch_timeout=3.0, backoff=FAST)
+        async with informer, asyncio.timeout(60):
+            await informer.wait_synced(within=30)
+            # writes elsewhere move the global resourceVersion; bookmarks carry it here
+            await k8s.CoreV1Api(writer).create_namespaced_config_map(
+                namespace, {"metadata": {"name": "elsewhere"}}
+            )
+            start = informer.resource_version
+            await until(
+                lambda: informer.stats.bookmarks > 0 and informer.resource_version > start,
+                what="a bookmark",
+            )
+            await until(lambda: informer.stats.watches >= 2, what="a watch ending and resuming")
+            assert informer.stats.lists == 1 and informer.stats.gone == 0
+            assert len(informer) == 0
+
+
+async def test_informer_started_before_its_crd_exists_syncs_once_installed(
+    kube_env: KubeEnv, namespace: str
+) -> None:
+    group = f"t{uuid.uuid4().hex[:8]}.example.com"
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"widgets.{group}"},
+        "spec": {
+            "group": group,
+            "names": {"kind": "Widget", "plural": "widgets", "singular": "widget"},
+            "scope": "Namespaced",
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "x-kubernetes-preserve-unknown-fields": True,
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    async with kube_env.api_client() as api:
+        source = ListWatch.custom_objects(
+            api, group, "v1", "widgets", "Widget", namespace=namespace
+        )
+        informer = Informer(source, backoff=Backoff(initial=0.05, maximum=0.2))
+        async with informer, asyncio.timeout(60):
+            await until(lambda: informer.stats.errors >= 1, what="a first failed list")
+            assert not informer.synced.is_set()
+            assert isinstance(informer.stats.last_error, NotFoundError)
+            # install without waiting: the informer retries 404 and 429 until it lists
+            await k8s.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
+            await informer.wait_synced(within=30)
+            widgets = k8s.CustomObjectsApi(api)
+            await widgets.create_namespaced_custom_object(
+                group,
+                "v1",
+                namespace,
+                "widgets",
+                {"apiVersion": f"{group}/v1", "kind": "Widget", "metadata": {"name": "w"}},
+            )
+            await until(lambda: informer.get("w", namespace) is not None, what="the widget")
+            await k8s.ApiextensionsV1Api(api).delete_custom_resource_definition(
+                crd["metadata"]["name"]
+            )

@@ -26,7 +26,7 @@ increment on every acquisition, so that each acquisition has a token of its own)
 acquisition creates the Lease with ``leaseTransitions: 1``. A release clears
 ``holderIdentity`` and keeps the object, so the counter survives; the library never deletes
 lock Leases (deleting one by hand restarts its counter at 1, which would let an old token
-compare as new: the RBAC role does not grant ``delete`` on Leases for that reason).
+compare as new: the least-privilege Role must not grant ``delete`` on Leases for that reason).
 Renewal and release check both the holder and the token.
 
 **Names.** A lock on ``key`` is the Lease ``lock-<slug>-<hash>`` (the slug is the key made a
