@@ -123,9 +123,11 @@ async def timed_closed_loop(
     callers: int,
     seconds: float,
     errors: type[BaseException] | tuple[type[BaseException], ...],
+    seen: dict[str, int] | None = None,
 ) -> tuple[list[float], int, float]:
     """``callers`` tasks, each awaiting ``call(worker, i)`` after the other for ``seconds``:
-    (latencies of the calls that succeeded, calls that raised ``errors``, elapsed seconds)."""
+    (latencies of the calls that succeeded, calls that raised ``errors``, elapsed seconds).
+    ``seen`` counts the failures by error type and message."""
     clock = time.perf_counter
     end = clock() + seconds
     latencies: list[float] = []
@@ -137,8 +139,11 @@ async def timed_closed_loop(
             t0 = clock()
             try:
                 await call(w, i)
-            except errors:  # e.g. a timeout: counted, not a commit
+            except errors as exc:  # e.g. a timeout: counted, not a commit
                 failed[0] += 1
+                if seen is not None:
+                    what = f"{type(exc).__name__}: {str(exc)[:120]}"
+                    seen[what] = seen.get(what, 0) + 1
             else:
                 latencies.append(clock() - t0)
             i += 1
@@ -178,6 +183,7 @@ def machine(data_dir: Path, loop_name: str) -> dict[str, str]:
         "kernel": platform.release(),
         "data dir": f"{data_dir} ({fs})",
         "load average at start": load,
+        "CPU pressure at start": cpu_pressure(),
     }
 
 
@@ -195,10 +201,20 @@ def preamble(base: Path, loop_name: str, settings: str, idle: str | None = None)
     return info
 
 
+def cpu_pressure() -> str:
+    """The kernel's CPU pressure: the share of time runnable tasks waited for a CPU."""
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return "n/a"
+    values = dict(item.split("=") for item in some[1:] if "=" in item)
+    return f"tasks waited for a CPU {values.get('avg10')}% (10 s), {values.get('avg60')}% (60 s)"
+
+
 def load_at_end(t_start: float) -> str:
     return (
         f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-        f"total {time.monotonic() - t_start:.0f} s"
+        f"CPU pressure at end: {cpu_pressure()}; total {time.monotonic() - t_start:.0f} s"
     )
 
 

@@ -15,7 +15,8 @@ data directories in a temporary directory on the disk, fsync on, Raft defaults: 
 the load generator: it talks to the members through ``RaftClient`` only. Measured:
 
 1. write latency p50/p99 from one client, each write awaited before the next:
-   ``create_index``, ``register_node``, ``acquire_lock``;
+   ``register_node`` (1 h ``node_timeout`` first: these nodes never heart-beat), then
+   ``create_index`` (its shards are placed on those nodes), ``acquire_lock``;
 2. throughput: ``--concurrency`` (64) callers for ``--seconds`` over ``--clients`` (4)
    RaftClients (each RaftClient applies every command to its own replica, so 64 RaftClients in
    one process would measure this process's CPU; 64 callers over a few clients is the
@@ -62,6 +63,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -70,6 +72,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+import msgspec
 from benchlib import (
     BATCH,
     NO_BATCH,
@@ -107,7 +110,8 @@ from tests.process.cluster import HOST, ProcessCluster, free_ports
 MEMBER_SCRIPT = Path(__file__).resolve().parent / "peers" / "controlplane_member.py"
 CLUSTER_ID = "service-bench"
 OUR_TIMING = {"heartbeat_interval": 0.1, "election_timeout": 1.0}  # controlplane's defaults
-WRITES = ("create_index", "register_node", "acquire_lock")
+WRITES = ("register_node", "create_index", "acquire_lock")
+"""Measured in this order: the indices are placed on the registered nodes."""
 
 TARGET_P50 = 0.0012
 TARGET_CLIENT_TPUT = 10_000.0
@@ -128,6 +132,10 @@ def _cleanup() -> None:
     while _CLEANUP:
         with contextlib.suppress(Exception):
             _CLEANUP.pop()()
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def killpg(proc: subprocess.Popen[Any]) -> None:
@@ -152,6 +160,7 @@ class Tput:
     failed: int
     cpu: str = ""  # who used the cores
     cores: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)  # failures by type and message
 
 
 def per_write(t: Tput) -> str:
@@ -168,7 +177,8 @@ async def closed_loop(call: Call, callers: int, seconds: float, pids: dict[str, 
     cpu0 = {name: process_cpu(pid) for name, pid in pids.items()}
     own0 = time.process_time()
     errors = (ControlPlaneError, OSError, EtcdError)
-    latencies, failed, wall = await timed_closed_loop(call, callers, seconds, errors)
+    seen: dict[str, int] = {}
+    latencies, failed, wall = await timed_closed_loop(call, callers, seconds, errors, seen)
     cores = {name: (process_cpu(pid) - cpu0[name]) / wall for name, pid in pids.items()}
     cores["load generator"] = (time.process_time() - own0) / wall
     total = sum(cores.values())
@@ -178,7 +188,7 @@ async def closed_loop(call: Call, callers: int, seconds: float, pids: dict[str, 
         + ", ".join(f"{k} {v:.2f}" for k, v in cores.items())
         + ")"
     )
-    return Tput(len(latencies) / wall, latencies, failed, cpu, cores)
+    return Tput(len(latencies) / wall, latencies, failed, cpu, cores, seen)
 
 
 # --- our cluster ---------------------------------------------------------------------------------
@@ -202,12 +212,23 @@ class _Direct:
 class Members(ProcessCluster):
     """Three ``controlplane serve`` processes with our default Raft timing, no proxies."""
 
-    def __init__(self, base: Path) -> None:
-        super().__init__(base, 3, cluster_id=CLUSTER_ID, raft=OUR_TIMING, log_level="INFO")
+    def __init__(self, base: Path, *, fsync: bool = True) -> None:
+        raft = {**OUR_TIMING, "fsync": fsync}
+        super().__init__(base, 3, cluster_id=CLUSTER_ID, raft=raft, log_level="INFO")
         self.links = {  # type: ignore[assignment]
             (a, b): _Direct(f"{HOST}:{self.members[b].peer_port}") for a, b in self.links
         }
         _CLEANUP.append(self.kill_all)
+
+    def warnings(self, most: int = 8) -> list[str]:
+        """The members' WARNING/ERROR/CRITICAL log lines (the first ``most``, and a count)."""
+        lines = [
+            f"{m.id}: {line}"
+            for m in self.members
+            for line in self.log_text(m.index).splitlines()
+            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
+        ]
+        return lines[:most] + ([f"... {len(lines) - most} more"] if len(lines) > most else [])
 
     def pids(self) -> dict[str, int]:
         return {m.id: m.process.pid for m in self.members if m.process is not None and m.running}
@@ -229,7 +250,7 @@ def our_call(clients: list[RaftClient], op: str, prefix: str) -> Call:
     if op == "register_node":
         return lambda w, i: clients[w % n].register_node(make_node(f"{prefix}-{w}-{i}", i))
     if op == "acquire_lock":
-        return lambda w, i: clients[w % n].acquire_lock(f"{prefix}-{w}-{i}", "bench", 60.0)
+        return lambda w, i: clients[w % n].acquire_lock(f"{prefix}-{w}-{i}", "bench", 600.0)
     if op == "set_feature_flag":  # one flag per worker, toggled: every write changes the state
         return lambda w, i: clients[w % n].set_feature_flag(f"{prefix}-{w}", bool(i & 1))
     raise ValueError(op)
@@ -284,7 +305,7 @@ async def py_spy(args: argparse.Namespace, pid: int, label: str, seconds: float)
         "--duration",
         str(max(1, round(seconds))),
         "--rate",
-        "200",
+        "500",
         "--format",
         "raw",
         "--nonblocking",  # never pause the process: the timing stays as without py-spy
@@ -330,16 +351,24 @@ def summarize_collapsed(path: Path, label: str, top: int = 25) -> str:
 
 async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
     res = Ours()
-    cluster = Members(base / "ours")
+    cluster = Members(base / "ours", fsync=not args.no_fsync)
     clients: list[RaftClient] = []
     try:
         await cluster.start()
         lead = await stable(cluster)
         leader_address = cluster.members[lead].client_address
         print(f"ours: leader {cluster.members[lead].id}; clients connect to it", flush=True)
-        for _ in range(max(2, args.clients)):
-            clients.append(await connect([leader_address], cluster_id=CLUSTER_ID))
+        # With --spread the throughput clients connect to any member (RaftClient's default):
+        # followers forward the writes, and the stream of commands to clients is spread.
+        anywhere = cluster.client_addresses() if args.spread else [leader_address]
+        for k in range(max(2, args.clients)):
+            addresses = [leader_address] if k == 0 else anywhere
+            clients.append(await connect(addresses, cluster_id=CLUSTER_ID))
         one = clients[0]
+        # The nodes registered below never heart-beat: with the default node_timeout (10 s)
+        # the leader would mark them DOWN during the run and re-place every shard on them.
+        config = await one.get_cluster_config()
+        await one.set_cluster_config(msgspec.structs.replace(config, node_timeout=3600.0))
         prefix = "s"
         for op in WRITES:
             call = our_call([one], op, f"{prefix}-{op[:4]}")
@@ -359,10 +388,12 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
                 py_spy(args, pids[cluster.members[lead].id], f"leader-{op}", args.seconds - 0.5),
                 py_spy(args, os.getpid(), f"load-generator-{op}", args.seconds - 0.5),
             )
-            with profiled(args.profile, f"client-tput-{op}"):
+            # py-spy samples this process too: no cProfile then (it would slow it down).
+            with profiled(None if args.py_spy else args.profile, f"client-tput-{op}"):
                 res.tput[op] = await closed_loop(call, args.concurrency, args.seconds, pids)
             await spy
             t = res.tput[op]
+            res.notes += [f"ours {op}: {k} calls failed with {w}" for w, k in t.errors.items()]
             print(
                 f"ours: {op}, {args.concurrency} callers over {args.clients} clients: "
                 f"{rate(t.value)} ({t.failed} failed); {t.cpu}; CPU per write: " + per_write(t),
@@ -390,9 +421,11 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.stop()
+        # Nothing was killed on this cluster: a warning here is worth reading.
+        res.notes += [f"member log: {line}" for line in cluster.warnings()]
         await cluster.close()
     # A fresh cluster for the proposers in the leader's process and the failovers.
-    cluster = Members(base / "ours-2")
+    cluster = Members(base / "ours-2", fsync=not args.no_fsync)
     try:
         await cluster.start()
         await stable(cluster)
@@ -416,8 +449,6 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
 
 
 def _json(value: Any) -> bytes:
-    import msgspec  # noqa: PLC0415
-
     return msgspec.json.encode(value)
 
 
@@ -466,6 +497,8 @@ async def in_leader(args: argparse.Namespace, cluster: Members, res: Ours) -> No
             + ")",
             flush=True,
         )
+        for what, k in out.get("errors", {}).items():
+            res.notes.append(f"in-leader x{callers}: {k} calls failed with {what}")
     res.inproc_read = await asyncio.to_thread(call, {"op": "local_reads", "n": args.reads})
 
 
@@ -689,7 +722,7 @@ async def etcd_put(http: Http, key: str, value: bytes) -> None:
 
 async def etcd_lock(http: Http, key: str) -> None:
     """etcd's lock recipe in its simplest form: a lease, then put-if-absent bound to it."""
-    lease = await http.post("/v3/lease/grant", {"TTL": 60})
+    lease = await http.post("/v3/lease/grant", {"TTL": 600})
     k = b64(key)
     answer = await http.post(
         "/v3/kv/txn",
@@ -938,7 +971,7 @@ def table(
 
     e_ok = etcd is not None and not etcd.note
     p_ok = peer is not None and not peer.note
-    for op in WRITES:
+    for op in ("create_index", "register_node", "acquire_lock"):
         s = ours.seq[op]
         es = etcd.seq.get(op) if e_ok and etcd else None
         first = op == "create_index"
@@ -978,7 +1011,7 @@ def table(
         first = callers == args.concurrency
         add(
             f"commits/s, {callers} proposers in the leader's process",
-            rate(value),
+            rate(value) + (f" ({out['failed']} failed)" if out["failed"] else ""),
             "",
             rate(theirs) if theirs else "",
             "",
@@ -1098,12 +1131,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4,
         help="RaftClients the callers share in the throughput runs",
     )
+    parser.add_argument(
+        "--spread",
+        action="store_true",
+        help="throughput clients connect to any member, not only to the leader",
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput duration")
     parser.add_argument("--reads", type=int, default=10_000, help="local reads (1/10 others)")
     parser.add_argument("--watch-n", type=int, default=500, help="watch deliveries timed")
     parser.add_argument("--failovers", type=int, default=5)
     parser.add_argument("--poll", type=float, default=0.02, help="new write attempt period")
     parser.add_argument("--failover-deadline", type=float, default=15.0)
+    parser.add_argument(
+        "--no-fsync", action="store_true", help="diagnostic: our members with raft.fsync false"
+    )
     parser.add_argument("--no-etcd", action="store_true")
     parser.add_argument("--no-pysyncobj", action="store_true")
     parser.add_argument(
@@ -1146,6 +1187,11 @@ def run(argv: list[str] | None = None) -> list[list[str]]:
     """Run the benchmark with command-line ``argv``; the table's rows."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C and SIGTERM unwind through every finally (and then atexit): nothing is left
+        # running. (A shell starts background jobs with SIGINT ignored: undo that too.)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _interrupted)
     uvloop, loop_name = event_loop(args.no_uvloop)
 
     def arun(coro: Awaitable[Any]) -> Any:
@@ -1161,7 +1207,7 @@ def run(argv: list[str] | None = None) -> list[list[str]]:
             f"N={args.n} (+{args.warmup} warm-up) sequential per op, {args.concurrency} "
             f"callers x {args.seconds} s (ours over {args.clients} RaftClients, etcd over "
             f"{args.concurrency} HTTP connections), {args.failovers} failovers, attempt every "
-            f"{args.poll} s"
+            f"{args.poll} s" + (", OUR MEMBERS WITHOUT FSYNC (diagnostic)" if args.no_fsync else "")
         )
         loop_name += " (load generator; serve members: asyncio)"
         info = preamble(base, loop_name, settings, idle)

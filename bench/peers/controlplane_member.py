@@ -76,12 +76,14 @@ async def throughput(
     cpu0 = time.process_time()
     label = f"member-{command}-{concurrency}"
     with GcMeter() as gcm, profiled(profile, label, sys.stderr):
+        seen: dict[str, int] = {}
         latencies, failed, elapsed = await timed_closed_loop(
-            call, concurrency, seconds, ControlPlaneError
+            call, concurrency, seconds, ControlPlaneError, seen
         )
     return {
         "ok": len(latencies),
         "failed": failed,
+        "errors": seen,
         "elapsed": elapsed,
         "p50": pct(latencies, 50),
         "p99": pct(latencies, 99),
