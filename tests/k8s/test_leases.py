@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from kubernetes_asyncio import client as k8s
 
+from controlplane.backends.k8s.errors import error_for_status
 from controlplane.backends.k8s.leases import (
     KEY_ANNOTATION,
     LEASE_TYPE_LABEL,
@@ -20,12 +21,19 @@ from controlplane.backends.k8s.leases import (
     format_micro_time,
     lock_lease_name,
     node_lease_name,
+    parse_micro_time,
 )
 from controlplane.errors import (
+    AlreadyExistsError,
+    CompactedError,
+    ConflictError,
     InvalidRequestError,
     LockHeldError,
     LockNotHeldError,
+    NotFoundError,
+    OperationTimeoutError,
     PermissionDeniedError,
+    UnavailableError,
 )
 from controlplane.testing.k8s_env import KubeEnv
 
@@ -68,6 +76,28 @@ async def put_lease(
         status, answer = await env.request("PUT", f"{path}/{name}", body=body)
     assert status in (200, 201), answer
     return dict(answer)
+
+
+def test_micro_time_and_lease_names() -> None:
+    moment = datetime.datetime(2026, 1, 2, 3, 4, 5, 120, tzinfo=datetime.UTC)
+    assert format_micro_time(moment) == "2026-01-02T03:04:05.000120Z"
+    assert parse_micro_time(format_micro_time(moment)) == moment
+    naive = datetime.datetime(2026, 1, 2, 3, 4, 5)  # taken as UTC
+    assert format_micro_time(naive) == "2026-01-02T03:04:05.000000Z"
+    skewed = datetime.datetime(
+        2026, 1, 2, 5, 4, 5, tzinfo=datetime.timezone(datetime.timedelta(hours=2))
+    )
+    assert format_micro_time(skewed) == "2026-01-02T03:04:05.000000Z"
+    assert parse_micro_time("2026-01-02T03:04:05.123456789+02:00") == datetime.datetime(
+        2026, 1, 2, 1, 4, 5, 123456, tzinfo=datetime.UTC
+    )
+    for bad in ("", "garbage", "2026-01-02", None, 17, "2026-13-02T03:04:05Z"):
+        assert parse_micro_time(bad) is None
+    label = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+    keys = ["a", "A", "shards/7:primary", "shards-7-primary", "///", "x" * 253, "ü"]
+    names = [lock_lease_name(k) for k in keys]
+    assert len(set(names)) == len(keys)
+    assert all(label.fullmatch(n) and len(n) <= 63 for n in names), names
 
 
 async def test_acquire_renew_release_with_growing_tokens(kube_env: KubeEnv, namespace: str) -> None:
@@ -339,3 +369,30 @@ async def test_permission_denied_names_the_verb_and_resource(
     async with kube_env.api_client() as admin:
         listed = await k8s.CoordinationV1Api(admin).list_namespaced_lease(namespace)
         assert listed.items == []
+
+
+def test_http_statuses_map_to_the_error_hierarchy() -> None:
+    def status(code: int, reason: str = "", message: str = "m") -> dict[str, Any]:
+        return {"kind": "Status", "code": code, "reason": reason, "message": message}
+
+    cases = {
+        400: InvalidRequestError,
+        401: PermissionDeniedError,
+        403: PermissionDeniedError,
+        404: NotFoundError,
+        409: ConflictError,
+        410: CompactedError,
+        422: InvalidRequestError,
+        429: UnavailableError,
+        500: UnavailableError,
+        503: UnavailableError,
+        504: OperationTimeoutError,
+    }
+    for code, cls in cases.items():
+        error = error_for_status(code, status(code), verb="get", resource="leases/x")
+        assert type(error) is cls, (code, error)
+        assert f"HTTP {code}" in str(error) and "get leases/x" in str(error)
+    exists = error_for_status(409, status(409, "AlreadyExists"), verb="create", resource="r")
+    assert isinstance(exists, AlreadyExistsError)
+    later = error_for_status(429, b"not json", verb="list", resource="r", retry_after="2")
+    assert "retry after 2 s" in str(later) and "not json" in str(later)

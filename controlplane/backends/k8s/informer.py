@@ -331,6 +331,11 @@ class Informer:
     # reading ------------------------------------------------------------------------------
 
     @property
+    def has_synced(self) -> bool:
+        """Whether the first complete list is in the cache (:attr:`synced` is the event)."""
+        return self.synced.is_set()
+
+    @property
     def resource_version(self) -> int:
         """The last resourceVersion seen (of a list, an event or a bookmark)."""
         return self._resource_version
