@@ -11,6 +11,7 @@ taking it is O(1) and a reader's copy never changes under it.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -181,6 +182,8 @@ class StateMachine:
             (lock.expires_at, lock.key, lock.token) for lock in state.locks.values()
         ]
         heapq.heapify(self._expiry)
+        self._members: list[str] = list(_ring_members(state.nodes))
+        # At least one entry per session, at or before its last_seen (see _expire_sessions).
         self._session_expiry = [(s.last_seen, s.client_id) for s in state.sessions.values()]
         heapq.heapify(self._session_expiry)
 
@@ -213,6 +216,18 @@ class StateMachine:
     def _put_node(self, node: Node) -> None:
         self._changes["nodes"] = self._get("nodes").set(node.id, node)
         self._placement.node_changed(node)
+        self._ring_member(node.id, _in_ring(node))
+
+    def _ring_member(self, node_id: str, member: bool) -> None:
+        """Keep ``self._members`` (sorted ids of the nodes in the ring) current: O(log n)
+        to find, a memmove to insert, instead of sorting every node on each change."""
+        members = self._members
+        pos = bisect.bisect_left(members, node_id)
+        present = pos < len(members) and members[pos] == node_id
+        if member and not present:
+            members.insert(pos, node_id)
+        elif present and not member:
+            del members[pos]
 
     def _put_index(self, index: Index) -> None:
         self._changes["indices"] = self._get("indices").set(index.name, index)
@@ -229,7 +244,7 @@ class StateMachine:
         ring = self._get("hash_ring")
         if not ring.follow_membership:
             return
-        members = _ring_members(self._get("nodes"))
+        members = tuple(self._members)
         if members != ring.nodes:
             ring = _replace(ring, nodes=members, version=self._version)
             self._changes["hash_ring"] = ring
@@ -373,6 +388,7 @@ class StateMachine:
         self._changes["nodes"] = self._get("nodes").delete(node.id)
         self._emit(EventKind.NODE_LEFT, node.id, node=node)
         self._placement.node_changed(_replace(node, status=NodeStatus.DOWN))  # no new copies
+        self._ring_member(node.id, False)
         self._evacuate(node.id)
         self._placement.node_removed(node.id)
         self._refresh_ring()
@@ -654,9 +670,12 @@ class StateMachine:
         if not self._events:  # it changed nothing: there is nothing to apply twice
             return SessionResult(version=self._state.version, value=encode_value(value))
         result = SessionResult(version=self._version, value=encode_value(value))
-        results = {seq: r for seq, r in session.results.items() if seq > cmd.ack}
-        results[cmd.seq] = result
         acked = max(session.acked, cmd.ack)
+        results = session.results.copy()  # a copy: the previous state keeps its own dict
+        if acked > session.acked:  # every kept seq is above session.acked: some may go now
+            for seq in [seq for seq in results if seq <= acked]:
+                del results[seq]
+        results[cmd.seq] = result
         while len(results) > self.MAX_SESSION_RESULTS:
             acked = min(results)
             del results[acked]
@@ -666,22 +685,34 @@ class StateMachine:
         # Read the table again: RestoreState replaced it with the restored state's sessions,
         # which must survive (the caller's own session is then added to them).
         sessions = self._get("sessions")
+        if cmd.client_id not in sessions:  # a known session has its entry in the heap already
+            heapq.heappush(self._session_expiry, (self._now, cmd.client_id))
         self._changes["sessions"] = sessions.set(cmd.client_id, session)
-        heapq.heappush(self._session_expiry, (self._now, cmd.client_id))
         self._expire_sessions()
         return result
 
     def _expire_sessions(self, limit: int = 64) -> None:
-        """Drop up to ``limit`` sessions idle for longer than ``config.session_ttl``."""
+        """Drop up to ``limit`` sessions idle for longer than ``config.session_ttl``.
+
+        ``_session_expiry`` holds at least one ``(time, client_id)`` entry per session with
+        ``time <= last_seen`` (one per session, not one per write: a write does not push). An
+        entry whose session was seen since is pushed again with the session's ``last_seen``,
+        so sessions are dropped in ``(last_seen, client_id)`` order whatever the heap's history
+        (a replica restored from a snapshot drops the same sessions as one that applied the log).
+        """
         deadline = self._now - self._get("config").session_ttl
         heap = self._session_expiry
         while heap and heap[0][0] < deadline and limit > 0:
-            last_seen, client_id = heapq.heappop(heap)
+            seen, client_id = heapq.heappop(heap)
             sessions = self._get("sessions")
             session = sessions.get(client_id)
-            if session is not None and session.last_seen == last_seen:
-                self._changes["sessions"] = sessions.delete(client_id)
-                limit -= 1
+            if session is None:
+                continue  # dropped already (or unregistered by a restore)
+            if session.last_seen != seen:
+                heapq.heappush(heap, (session.last_seen, client_id))
+                continue
+            self._changes["sessions"] = sessions.delete(client_id)
+            limit -= 1
 
     # --- ring, configuration, flags, restore ---------------------------------------------------
 
@@ -700,7 +731,7 @@ class StateMachine:
             follow_membership=ring.follow_membership if follow is None else follow,
         )
         if new.follow_membership:
-            new = _replace(new, nodes=_ring_members(self._get("nodes")))
+            new = _replace(new, nodes=tuple(self._members))
         if new == ring:
             return ring
         new = _replace(new, version=self._version)

@@ -106,3 +106,43 @@ def test_invalid_client_commands_are_refused(seq: int, ack: int, inner: object) 
     out = sm.apply(client(seq, inner, ack=ack))
     assert isinstance(out.error, InvalidRequestError)
     assert sm.state.version == 0
+
+
+def test_a_session_written_to_again_is_kept_and_the_expiry_heap_stays_small() -> None:
+    sm = StateMachine()
+    ttl = sm.state.config.session_ttl
+    for seq in range(1, 1001):  # one session, many writes, acknowledged as it goes
+        sm.apply(client(seq, SetFeatureFlag(name="a", enabled=seq % 2 == 0), ack=seq - 1))
+    assert len(sm._session_expiry) == 1  # one entry per session, not one per write
+    late = T0 + ttl + 5
+    sm.apply(client(1001, SetFeatureFlag(name="b", enabled=True), ack=1000, time=late))
+    # c1's first write is older than the ttl, its latest is not: it stays.
+    sm.apply(client(1, SetFeatureFlag(name="c", enabled=True), cid="other", time=late + 1))
+    assert set(sm.state.sessions) == {"c1", "other"}
+    assert sm.state.sessions["c1"].last_seen == late
+
+
+def test_expiry_drops_the_same_sessions_on_a_restored_replica_as_on_the_log() -> None:
+    """Sessions expire in (last_seen, client_id) order, 64 per command, whatever the heap's
+    history: a replica restored from a snapshot stays equal to the one that applied the log."""
+    sm = StateMachine()
+    ttl = sm.state.config.session_ttl
+    for i in range(150):
+        cid = f"c{i:03d}"
+        sm.apply(client(1, SetFeatureFlag(name="a", enabled=i % 2 == 0), cid=cid, time=T0 + i))
+        if i % 3 == 0:  # seen again later: must outlive the others
+            sm.apply(
+                client(2, SetFeatureFlag(name="b", enabled=i % 2 == 0), cid=cid, time=T0 + 200 + i)
+            )
+    restored = StateMachine(decode_state(encode_state(sm.state)))
+    assert restored.state == sm.state
+    for step in range(4):
+        cmd = client(
+            1,
+            SetFeatureFlag(name="z", enabled=step % 2 == 0),
+            cid=f"late{step}",
+            time=T0 + ttl + 160 + step * 30,
+        )
+        assert restored.apply(cmd) == sm.apply(cmd)
+        assert restored.state == sm.state
+    assert sm.state.sessions != {}

@@ -854,3 +854,18 @@ def test_outcome_unwrap() -> None:
     assert sm.apply(SetFeatureFlag(name="f", enabled=True)).unwrap() is None
     with pytest.raises(NotFoundError):
         sm.apply(DeleteIndex(name="missing")).unwrap()
+
+
+def test_ring_members_stay_sorted_through_joins_leaves_and_status_changes() -> None:
+    sm = StateMachine()
+    ids = [f"n{(i * 37) % 101:03d}" for i in range(101)]
+    for node_id in ids:
+        sm.apply(RegisterNode(node=Node(id=node_id), time=1.0))
+    assert sm.state.hash_ring.nodes == tuple(sorted(ids))
+    sm.apply(UpdateNodeStatus(node_id="n050", status=NodeStatus.DOWN, time=1.0))
+    sm.apply(UnregisterNode(node_id="n007", time=1.0))
+    sm.apply(UpdateNodeStatus(node_id="n050", status=NodeStatus.ACTIVE, time=1.0))
+    sm.apply(UpdateNodeStatus(node_id="n020", status=NodeStatus.DOWN, time=1.0))
+    want = tuple(sorted(set(ids) - {"n007", "n020"}))
+    assert sm.state.hash_ring.nodes == want
+    assert StateMachine(sm.state).state.hash_ring.nodes == want
