@@ -364,6 +364,27 @@ class Leases:
             raise
         return self._wrote(obj, sent)
 
+    async def create_lease(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        labels: Mapping[str, str],
+        annotations: Mapping[str, str] | None = None,
+    ) -> LeaseRecord:
+        """Create the Lease ``name`` (:class:`AlreadyExistsError` when someone was first); the
+        write counts as observed when it was sent (for leader election, which names its own
+        Lease and keeps its own rules)."""
+        return await self._create(name, spec, dict(labels), dict(annotations or {}))
+
+    async def replace_lease(self, record: LeaseRecord, spec: dict[str, Any]) -> LeaseRecord:
+        """Write ``spec`` over ``record`` if nobody wrote since it was read
+        (:class:`ConflictError` otherwise, :class:`NotFoundError` when it was deleted)."""
+        return await self._replace(record, spec)
+
+    def now(self) -> str:
+        """The wall clock as a ``MicroTime`` (for ``acquireTime``/``renewTime``)."""
+        return self._now()
+
     def _wrote(self, obj: dict[str, Any], sent: float) -> LeaseRecord:
         record = LeaseRecord.from_object(obj)
         self.observer.observe(record, at=sent)
