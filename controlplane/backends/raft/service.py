@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ...codec import decode_command, encode_command, encode_state
+from ...codec import decode_command, encode_state
 from ...commands import ClientCommand, validate
 from ...errors import (
     ControlPlaneError,
@@ -332,6 +332,10 @@ class _Connection:
         self._handlers: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
         self._broken: str | None = None
+        self._out: list[bytes | bytearray] = []
+        """Frames queued in this iteration of the loop, written together by ``_flush``."""
+        self._out_bytes = 0
+        self._high_water = writer.transport.get_write_buffer_limits()[1]
 
     async def run(self) -> None:
         """Read and dispatch requests until the client leaves or the connection breaks."""
@@ -401,15 +405,41 @@ class _Connection:
     # --- sending ------------------------------------------------------------------------------
 
     def _write(self, message: Reply) -> None:
-        """Queue one frame; raises ``FrameTooLargeError`` if it exceeds the frame size."""
+        """Queue one frame; raises ``FrameTooLargeError`` if it exceeds the frame size.
+
+        Frames queued in one iteration of the event loop go to the transport in one ``write``
+        (one send system call for a burst of replies and replicated commands).
+        """
         if self._broken is not None:
             raise _ConnectionGone(self._broken)
         frame = encode_message_frame(_ENCODER, message, self._service.max_frame_bytes)
-        self._writer.write(frame)
-        if self._writer.transport.get_write_buffer_size() > self._service._max_buffer:
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        queued = self._writer.transport.get_write_buffer_size() + self._out_bytes
+        if queued > self._service._max_buffer:
             self._fail("the client does not read its replies: its buffer overflowed")
 
+    def _flush(self) -> None:
+        out = self._out
+        if not out or self._broken is not None or self._writer.transport.is_closing():
+            out.clear()
+            self._out_bytes = 0
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self._out_bytes = 0
+        self._writer.write(data)
+
     async def _drain(self) -> None:
+        """Wait while the transport holds more than its high-water mark (with the write
+        timeout); below it there is nothing to wait for, so no timer is armed."""
+        transport = self._writer.transport
+        queued = transport.get_write_buffer_size() + self._out_bytes
+        if queued <= self._high_water and not transport.is_closing():
+            return
+        self._flush()
         try:
             async with asyncio.timeout(self._service._write_timeout):
                 await self._writer.drain()
@@ -463,8 +493,9 @@ class _Connection:
                     raise InvalidRequestError(
                         f"a client may only execute ClientCommand, not {type(command).__name__}"
                     )
-                validate(command)
-                outcome = await node.propose(encode_command(command))
+                validate(command)  # nothing invalid reaches the log
+                # The bytes the client sent, as validated: every replica decodes them alike.
+                outcome = await node.propose(data)
                 result = outcome.unwrap()
                 return ExecuteReply(request=rid, version=result.version, value=result.value)
             case ReadIndex(request=rid):
@@ -598,12 +629,12 @@ class _Connection:
             if not entries:
                 await commands.wait_beyond(since)
                 continue
-            transport = self._writer.transport
             try:
                 for version, command in entries:
                     self._write(Replicate(version=version, command=command))
                     since = version
-                    if transport.get_write_buffer_size() > _STREAM_HIGH_WATER:
+                    if self._out_bytes > _STREAM_HIGH_WATER:
+                        self._flush()
                         await self._drain()
             except FrameTooLargeError:
                 # A command larger than a client frame (a huge RestoreState proposed on a
