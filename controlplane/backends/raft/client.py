@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import ssl
 import uuid
@@ -156,6 +157,10 @@ class _StreamEnded(Exception):
 class _Link:
     """One connection to a member, after a successful hello."""
 
+    _TICK = 0.01
+    """Granularity of the per-request deadlines (seconds): requests whose deadlines fall in
+    the same tick share one timer, instead of a timer (``asyncio.timeout``) each."""
+
     def __init__(
         self,
         reader: asyncio.StreamReader,
@@ -175,29 +180,65 @@ class _Link:
         self.target: int | None = None
         """The member's state version when it accepted the subscription."""
         self.broken: str | None = None
+        self._out: list[bytes | bytearray] = []
+        """Frames sent in this iteration of the event loop, written together by ``flush``."""
+        self._out_bytes = 0
+        self._high_water = writer.transport.get_write_buffer_limits()[1]
+        self._deadlines: dict[int, list[int]] = {}
+        """Request ids by the tick their attempt times out at."""
 
     def send(self, message: Request) -> None:
+        """Queue ``message``; it is written with the others sent in this loop iteration."""
         if self.broken is not None:
             raise _Disconnected(self.broken)
-        self.writer.write(encode_message_frame(_ENCODER, message, self.max_frame))
+        frame = encode_message_frame(_ENCODER, message, self.max_frame)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._out.append(frame)
+        self._out_bytes += len(frame)
 
-    async def call(self, message: Request) -> Reply:
-        """Send ``message`` and wait for its reply; ``_Disconnected`` if the link breaks."""
-        future: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
-        self.pending[message.request] = future
+    def flush(self) -> None:
+        """Write the queued frames now (in one ``write``)."""
+        out = self._out
+        if out and self.broken is None and not self.writer.transport.is_closing():
+            self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
+        self._out_bytes = 0
+
+    async def call(self, message: Request, within: float) -> Reply:
+        """Send ``message`` and wait for its reply; ``_Disconnected`` if the link breaks,
+        ``TimeoutError`` when no reply came within ``within`` seconds (to about 10 ms).
+
+        Nothing waits for the socket to drain: the frames in flight are bounded by the
+        client's ``max_in_flight``, and a member that reads nothing makes the reply late (the
+        caller then breaks the link)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply | None] = loop.create_future()
+        rid = message.request
+        self.pending[rid] = future
+        tick = math.ceil((loop.time() + within) / self._TICK)
+        due = self._deadlines.get(tick)
+        if due is None:
+            due = self._deadlines[tick] = []
+            loop.call_at(tick * self._TICK, self._expire, tick)
+        due.append(rid)
         try:
             self.send(message)
-            try:
-                await self.writer.drain()
-            except OSError as exc:
-                self.abort(describe_error(exc))
+            if self._out_bytes > self._high_water:
+                self.flush()  # a burst of large requests: to the transport without delay
             reply = await future
         finally:
-            self.pending.pop(message.request, None)
-            self.chunks.pop(message.request, None)
+            self.pending.pop(rid, None)
+            self.chunks.pop(rid, None)
         if reply is None:
             raise _Disconnected(self.broken or "the connection was closed")
         return reply
+
+    def _expire(self, tick: int) -> None:
+        for rid in self._deadlines.pop(tick, ()):
+            future = self.pending.get(rid)
+            if future is not None and not future.done():
+                future.set_exception(TimeoutError())
 
     def resolve(self, request: int, reply: Reply) -> None:
         future = self.pending.get(request)
@@ -209,6 +250,8 @@ class _Link:
         if self.broken is not None:
             return
         self.broken = reason
+        self._out.clear()
+        self._out_bytes = 0
         self.writer.transport.abort()
         for future in self.pending.values():
             if not future.done():
@@ -552,8 +595,9 @@ class RaftClient(CommandBackend):
             link = await self._connected(deadline)
             remaining = deadline - loop.time()
             try:
-                async with asyncio.timeout(min(remaining, self._attempt_timeout)):
-                    reply = await link.call(make(next(self._ids)))
+                reply = await link.call(
+                    make(next(self._ids)), max(0.0, min(remaining, self._attempt_timeout))
+                )
             except _Disconnected as exc:
                 if not retry:
                     raise UnavailableError(
@@ -661,6 +705,7 @@ class RaftClient(CommandBackend):
                 try:
                     rid = next(self._ids)
                     link.send(make(rid))
+                    link.flush()
                     await link.writer.drain()
                     frames = FrameReader(link.reader, self._max_frame)
                     chunks: list[bytes] = []
@@ -827,7 +872,11 @@ class RaftClient(CommandBackend):
             batch = await frames.read_frames()
             before = self._machine.state.version
             for payload in batch:
-                await self._receive(link, decode_frame(_REPLY_DECODER, payload))
+                message = decode_frame(_REPLY_DECODER, payload)
+                if isinstance(message, Replicate):  # most frames: no coroutine for them
+                    self._apply(message.version, message.command)
+                else:
+                    await self._receive(link, message)
             if self._machine.state.version != before:
                 self._advance()
                 self._check_ready(link)
