@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import signal
@@ -335,6 +336,17 @@ async def _follow_test_clock(cp: Any, clock: Any, config: Config) -> None:
     await follow_clock(cp, clock, ack_path(clock.path, raft.cluster_id, raft.node_id))
 
 
+def _event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
+    """uvloop's loop factory when uvloop is installed (the ``uvloop`` extra), else None
+    (asyncio's default loop); and the loop's name for the log."""
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return None, "asyncio (uvloop is not installed)"
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory, f"uvloop {getattr(uvloop, '__version__', '')}".strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parser().parse_args(argv)
@@ -349,8 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=config.log_level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(config, args.test_clock_file))
+        factory, loop_name = _event_loop()
+        _log.info("event loop: %s", loop_name)
+        with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as run:
+            run.run(_serve(config, args.test_clock_file))
     except ControlPlaneError as exc:
         print(f"controlplane: error: {exc}", file=sys.stderr)
         return 1

@@ -8,12 +8,14 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 
+from controlplane import cli as cli_module
 from controlplane.backends.raft.backend import RaftControlPlane
 from controlplane.testing.raft_harness import RaftHarness
 from controlplane.types import Node
@@ -158,3 +160,15 @@ async def test_locks_snapshot_and_transfer_leader(
     assert code == 1
     assert err.startswith("controlplane: error: ")
     assert len(err.splitlines()) == 1
+
+
+def test_serve_runs_on_uvloop_when_it_is_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # not installed: import fails
+    factory, name = cli_module._event_loop()
+    assert factory is None and name.startswith("asyncio")
+    fake = types.ModuleType("uvloop")
+    fake.new_event_loop = asyncio.new_event_loop  # type: ignore[attr-defined]
+    fake.__version__ = "0.21.0"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "uvloop", fake)
+    factory, name = cli_module._event_loop()
+    assert factory is asyncio.new_event_loop and name == "uvloop 0.21.0"
