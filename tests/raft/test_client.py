@@ -269,6 +269,34 @@ async def test_writes_are_readable_at_once_and_others_writes_after_a_consistent_
             assert (await a.get_cluster_state(consistent=True)).feature_flags["from-a-member"]
 
 
+async def test_a_write_only_client_writes_but_keeps_no_replica(tmp_path: Path) -> None:
+    with anyio.fail_after(60):
+        async with (
+            running(tmp_path) as cluster,
+            client_of(cluster, replica=False) as writer,
+            client_of(cluster) as reader,
+        ):
+            index = await writer.create_index("logs", {"number_of_shards": 2})
+            assert isinstance(index, Index) and index.name == "logs"
+            with pytest.raises(AlreadyExistsError):
+                await writer.create_index("logs")
+            await writer.register_node(Node(id="data-1"))
+            await writer.heartbeat("data-1")  # the member had reached the writer's version
+            assert writer.version >= index.created_version
+            state = await reader.get_cluster_state(consistent=True)
+            assert "logs" in state.indices and "data-1" in state.nodes
+            for read in (
+                writer.get_cluster_state,
+                lambda: writer.get_cluster_state(consistent=True),
+                lambda: writer.get_index("logs"),
+            ):
+                with pytest.raises(InvalidRequestError, match="keeps no replica"):
+                    await read()
+            with pytest.raises(InvalidRequestError, match="keeps no replica"):
+                writer.watch()
+            assert (await writer.health()).healthy
+
+
 async def test_a_client_watch_delivers_what_a_member_watch_delivers(tmp_path: Path) -> None:
     with anyio.fail_after(60):
         async with running(tmp_path) as cluster, client_of(cluster) as client:

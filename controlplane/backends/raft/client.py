@@ -279,6 +279,14 @@ class RaftClient(CommandBackend):
       exactly once), continuing across reconnects and leader changes. If the client had to
       rebuild its replica from a member's snapshot (it fell behind every member's history),
       watches behind it end with ``CompactedError``, as on a member that installs a snapshot.
+
+    ``replica=False`` makes a write-only client, for processes that only write (a load
+    generator, a job that registers nodes): it subscribes to nothing and keeps no replica, so
+    it costs neither the member a stream of every command nor itself an apply of every
+    command. It gives up local reads, ``consistent=True`` reads and watches (they raise
+    ``InvalidRequestError``) and read-your-writes through its own state: a write returns when
+    the member answered it (the write was committed and applied there), not when a local
+    replica applied it. Writes keep their at-most-once retries and their results.
     """
 
     def __init__(
@@ -299,6 +307,7 @@ class RaftClient(CommandBackend):
         max_in_flight: int = 1024,
         backoff_initial: float = 0.05,
         backoff_max: float = 2.0,
+        replica: bool = True,
     ) -> None:
         super().__init__(clock)
         if not addresses:
@@ -319,6 +328,9 @@ class RaftClient(CommandBackend):
         self._max_frame = check_max_frame_size(max_frame_bytes)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._backoff = (backoff_initial, backoff_max)
+        self._replica = replica
+        self._known = 0
+        """Without a replica: the highest state version a member reported to this client."""
         self._machine = StateMachine()
         self._hub = WatchHub(watch_retention)
         self._link: _Link | None = None
@@ -354,8 +366,8 @@ class RaftClient(CommandBackend):
 
     @property
     def version(self) -> int:
-        """The version of the client's replica."""
-        return self._machine.state.version
+        """The version of the client's replica (without one: the latest a member reported)."""
+        return self._machine.state.version if self._replica else self._known
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -429,7 +441,7 @@ class RaftClient(CommandBackend):
             backend="raft-client",
             role="client",
             leader=link.hello.leader_id if link is not None else None,
-            version=self._machine.state.version,
+            version=self.version,
             detail=detail,
         )
 
@@ -478,10 +490,12 @@ class RaftClient(CommandBackend):
             self._finished.discard(self._acked)
 
     def _local_state(self) -> ClusterState:
+        self._check_replica("read the cluster state")
         return self._machine.state
 
     async def _linearizable_state(self) -> ClusterState:
         self._check_open()
+        self._check_replica("read the cluster state")
         deadline = asyncio.get_running_loop().time() + self._request_timeout
         reply = await self._call(lambda rid: ReadIndex(request=rid), deadline)
         if not isinstance(reply, VersionReply):
@@ -495,9 +509,7 @@ class RaftClient(CommandBackend):
         check_name("node", node_id)
         deadline = asyncio.get_running_loop().time() + self._request_timeout
         reply = await self._call(
-            lambda rid: Heartbeat(
-                request=rid, node_id=node_id, min_version=self._machine.state.version
-            ),
+            lambda rid: Heartbeat(request=rid, node_id=node_id, min_version=self.version),
             deadline,
         )
         if not isinstance(reply, VersionReply):
@@ -508,6 +520,7 @@ class RaftClient(CommandBackend):
         self, since: int | None = None, kinds: Collection[EventKind] | None = None
     ) -> EventStream:
         """Events with version > ``since``, in order, exactly once, across reconnects."""
+        self._check_replica("watch")
         return self._hub.watch(since, kinds)
 
     # --- operations (for the CLI) --------------------------------------------------------------
@@ -646,6 +659,9 @@ class RaftClient(CommandBackend):
 
     async def _reach(self, version: int, deadline: float) -> None:
         """Wait until the replica has applied ``version`` (read-your-writes)."""
+        if not self._replica:
+            self._known = max(self._known, version)
+            return
         loop = asyncio.get_running_loop()
         while self._machine.state.version < version:
             self._check_open()
@@ -825,9 +841,15 @@ class RaftClient(CommandBackend):
         reason = "the connection was closed"
         was_ready = False
         try:
-            link.send(Subscribe(request=link.subscription, since=since, snapshot_ok=snapshot_ok))
+            if self._replica:
+                link.send(
+                    Subscribe(request=link.subscription, since=since, snapshot_ok=snapshot_ok)
+                )
+            else:
+                link.target = 0  # nothing to catch up with: ready once connected
             self._link = link
             self._notify()
+            self._check_ready(link)
             _log.info(
                 "client %s connected to member %s at %s",
                 self.client_id,
@@ -985,6 +1007,13 @@ class RaftClient(CommandBackend):
         first = next(iter(self._refusals.values()))
         detail = "; ".join(f"{a}: {e.message}" for a, e in self._refusals.items())
         return type(first)(f"every member refused this client: {detail}")
+
+    def _check_replica(self, what: str) -> None:
+        if not self._replica:
+            raise InvalidRequestError(
+                f"this RaftClient keeps no replica (replica=False): it cannot {what}; "
+                "use a client with a replica"
+            )
 
     def _check_open(self) -> None:
         if self._stopped:
