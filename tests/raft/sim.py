@@ -178,6 +178,9 @@ class SimNode:
         self.incarnation = 0
         self.core: RaftCore | None = None
         self.pending: Ready | None = None
+        self.early: list[tuple[Message, bytes | None]] = []
+        """The pending Ready's early messages (a leader's Appends and Heartbeats), to put
+        on the wire at once: before its writes are durable."""
         self.staged_snapshots: dict[tuple[int, int], bytes] = {}
         self.reads: list[ReadState] = []
         self.durable_term = 0
@@ -218,11 +221,13 @@ class SimNode:
     def crash(self, rng: random.Random | None = None) -> None:
         self.core = None
         self.pending = None
+        self.early = []
         self.staged_snapshots.clear()
         self.storage.crash(rng)
 
     def take_ready(self) -> Ready | None:
-        """Take a Ready and stage its writes (not yet durable)."""
+        """Take a Ready and stage its writes (not yet durable); its early messages wait in
+        :attr:`early` (see :meth:`take_early`) to be sent before the writes are synced."""
         core = self.core
         if core is None or self.pending is not None or not core.has_ready():
             return None
@@ -236,7 +241,12 @@ class SimNode:
         if rd.hard_state is not None:
             self.storage.set_hard_state(rd.hard_state)
         self.pending = rd
+        self.early.extend((m, None) for m in rd.early_messages)
         return rd
+
+    def take_early(self) -> list[tuple[Message, bytes | None]]:
+        out, self.early = self.early, []
+        return out
 
     def finish_ready(self) -> list[tuple[Message, bytes | None]]:
         """Sync, then send, apply and advance. Returns the messages to put on the wire."""
@@ -357,6 +367,9 @@ class Cluster:
         """When set, each round's messages are delivered in a random order."""
         self.delivered: list[Message] = []
         self.sent: list[Message] = []
+        self.held: set[str] = set()
+        """Members whose persistence is held: their Ready is taken (its early messages go
+        out) but its writes are neither synced nor acknowledged until :meth:`release`."""
 
     def count(
         self,
@@ -398,6 +411,9 @@ class Cluster:
             queue: list[tuple[Message, bytes | None, str]] = []
             for node in self.up():
                 while node.take_ready() is not None:
+                    queue.extend((m, p, node.id) for m, p in node.take_early())
+                    if node.id in self.held:
+                        break
                     queue.extend((m, p, node.id) for m, p in node.finish_ready())
             if not queue:
                 return
@@ -469,6 +485,19 @@ class Cluster:
     def crash(self, member: str) -> None:
         self.nodes[member].crash()
 
+    def hold(self, member: str) -> None:
+        """Stop completing ``member``'s persists (see :attr:`held`)."""
+        self.held.add(member)
+
+    def release(self, member: str) -> None:
+        """Sync and acknowledge ``member``'s pending Ready, send what it held, settle."""
+        self.held.discard(member)
+        node = self.nodes[member]
+        if node.pending is not None:
+            for msg, payload in node.finish_ready():
+                self._deliver(msg, payload, member)
+        self.settle()
+
     def restart(self, member: str) -> None:
         self.nodes[member].start()
 
@@ -502,6 +531,9 @@ class SimParams:
     max_size_per_msg: int = 256
     max_inflight_msgs: int = 4
     crash_after_send: float = 0.0
+    crash_before_persist: float = 0.0
+    """Crash right after a Ready's early messages went out, before its writes are synced (a
+    leader that sent entries it then loses)."""
     nemesis: bool = False
     """Crash leaders at the worst moments: right after winning, and while an entry of an
     older term sits on a majority without one of the leader's own (Figure 8)."""
@@ -552,6 +584,7 @@ class SimParams:
             max_size_per_msg=rng.choice((1, 100, 1000)),
             max_inflight_msgs=rng.choice((1, 4, 64)),
             crash_after_send=rng.choice((0.0, 0.0, 0.002, 0.01)),
+            crash_before_persist=rng.choice((0.0, 0.0, 0.005, 0.02)),
             nemesis=rng.random() < 0.2,
             pre_vote=safe_mode or rng.random() < 0.5,
             check_quorum=safe_mode or rng.random() < 0.5,
@@ -626,7 +659,17 @@ class Simulation:
         rd = node.take_ready()
         if rd is None:
             return
-        delay = self.rng.choice((0, 0, 1, 3))
+        early = node.take_early()
+        for msg, payload in early:
+            self._send(node, msg, payload)
+        if early and self.rng.random() < self.p.crash_before_persist:
+            # The leader's entries are on the wire, not on its disk: the crash loses them here.
+            self.stats["crashes"] += 1
+            self.stats["crashes_before_persist"] = self.stats.get("crashes_before_persist", 0) + 1
+            node.crash(self.rng)
+            self._schedule(self.rng.randrange(1, 3 * TICK), "restart", node.id)
+            return
+        delay = self.rng.choice((0, 0, 1, 3, 8))
         if delay == 0:
             self._finish(node)
         else:

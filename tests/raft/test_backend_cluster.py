@@ -433,6 +433,9 @@ async def test_a_failed_fsync_stops_the_member_and_the_others_carry_on(tmp_path:
             await write_flags(victim, "before", 5)
 
             failing = True
+            # The leader sends its entries to the followers while it persists them (thesis
+            # §10.2.1): the followers may hold "never" and commit it without the victim, so
+            # the error, as for a follower, does not promise that nothing happened.
             with pytest.raises(StorageError, match="injected"):
                 await victim.set_feature_flag("never", True)
             health = await victim.health()
@@ -452,8 +455,9 @@ async def test_a_failed_fsync_stops_the_member_and_the_others_carry_on(tmp_path:
             await cluster.start("cp-1")
             await cluster.wait_ready()
             state = await cluster.wait_converged()
-            assert "never" not in state.feature_flags
-            assert dict(state.feature_flags.items()) == {
+            flags_now = dict(state.feature_flags.items())
+            flags_now.pop("never", None)  # either way, as long as every replica agrees
+            assert flags_now == {
                 **flags("before", 5),
                 **flags("after", 5),
                 **flags("f", 3),

@@ -473,6 +473,163 @@ def test_stepping_while_a_ready_is_being_persisted() -> None:
         core.ready()  # one Ready at a time
 
 
+# -- the leader persists in parallel with its followers (thesis §10.2.1) ---------------------------
+
+
+def test_leader_sends_entries_before_persisting_them() -> None:
+    # A settled leader's Appends are early messages: they go out while its own write is in
+    # flight. Followers still persist before they acknowledge (their replies are late).
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.hold("a")
+    index = c.propose("a", b"x")
+    a = c.nodes["a"]
+    assert a.pending is not None and [e.index for e in a.pending.entries] == [index]
+    assert not any(isinstance(m, Append) and m.entries for m in a.pending.messages)
+    for member in ("b", "c"):
+        assert c.nodes[member].storage.last_index() == index  # durable on the followers
+    assert a.storage.last_index() < index and c.core("a").log.persisted < index
+    b = c.nodes["b"]
+    b.deliver(Append(c.core("a").term, "a", "b", index, 1, index, ()), None)
+    rd = b.take_ready()
+    assert rd is not None and rd.early_messages == []
+    assert any(isinstance(m, AppendResponse) for m in rd.messages)
+    b.finish_ready()
+    c.release("a")
+    assert committed_everywhere(c, index)
+
+
+def test_leaders_unpersisted_entry_is_not_counted_towards_commit() -> None:
+    # Three voters: the leader plus one follower form a quorum, but only once the leader's
+    # own write is durable. Until then it needs the other follower's acknowledgement.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.cut("a", "c")
+    c.hold("a")
+    index = c.propose("a", b"x")
+    core = c.core("a")
+    assert core.tracker.progress["b"].match == index  # b acknowledged
+    assert core.tracker.progress["a"].match < index
+    assert core.log.committed < index  # a's own copy is not durable: no quorum yet
+    c.release("a")  # the persistence acknowledgement
+    assert core.tracker.progress["a"].match == index and core.log.committed == index
+    c.heal()
+    c.tick()
+    assert committed_everywhere(c, index)
+
+
+def test_followers_commit_without_the_leaders_own_copy() -> None:
+    # Both followers acknowledged: committed without the leader's vote; the leader applies it
+    # only once its own copy is durable (committed entries are durable locally).
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.hold("a")
+    index = c.propose("a", b"x")
+    core = c.core("a")
+    assert core.log.committed == index and core.tracker.progress["a"].match < index
+    assert c.nodes["a"].applied < index
+    c.release("a")
+    assert c.nodes["a"].applied == index and c.data("a")[-1] == b"x"
+
+
+def test_leader_crash_loses_sent_entries_the_followers_committed() -> None:
+    # The new risk: the leader sends an entry, the followers persist it, the leader crashes
+    # before its own write is durable. The entry is committed (a quorum holds it), so the
+    # next leader has it and the old leader gets it back.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.hold("a")
+    index = c.propose("a", b"x")
+    assert c.core("a").log.committed == index
+    c.crash("a")  # unsynced: lost here
+    c.held.clear()
+    assert c.nodes["a"].storage.last_index() < index
+    c.run_until(lambda: c.leader() in ("b", "c"), 100)
+    c.restart("a")
+    c.run_until(lambda: committed_everywhere(c, index + 1), 100)
+    assert all(b"x" in c.data(m) for m in ABC)
+
+
+def test_leader_crash_loses_sent_entries_only_one_follower_holds() -> None:
+    # Sent to one follower only, then the leader crashes unsynced: never committed (the leader
+    # did not count itself), so either outcome is allowed and the checker sees no violation.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.cut("a", "c")
+    c.hold("a")
+    index = c.propose("a", b"x")
+    assert c.core("a").log.committed < index
+    c.crash("a")
+    c.held.clear()
+    c.heal()
+    c.run_until(lambda: c.leader() in ("b", "c"), 100)
+    leader = c.leader()
+    assert leader is not None
+    c.restart("a")
+    marker = c.propose(leader, b"marker")
+    c.run_until(lambda: committed_everywhere(c, marker), 100)
+    assert c.data("a") == c.data("b") == c.data("c")
+
+
+def test_stale_persist_ack_after_a_term_change_is_ignored() -> None:
+    # The leader's write of an entry is in flight when a newer leader overwrites that entry.
+    # Acknowledging the old write must not mark the replacement durable nor count anything.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.isolate("a")
+    c.hold("a")
+    index = c.propose("a", b"lost")
+    a = c.nodes["a"]
+    stale = a.pending
+    assert stale is not None and [(e.index, e.data) for e in stale.entries] == [(index, b"lost")]
+    c.run_until(lambda: c.leader() in ("b", "c"), 100)
+    new = c.leader()
+    assert new is not None
+    new_term = c.core(new).term
+    c.propose(new, b"y")
+    nlog = c.core(new).log
+    assert nlog.term(index - 1) == 1
+    tail = tuple(nlog.entries(index, nlog.last_index() + 1))
+    # The new leader's Append reaches a while a's write is in flight: a steps down and its
+    # tail is replaced.
+    a.deliver(Append(new_term, new, "a", index - 1, 1, 0, tail), None)
+    c.heal()
+    core = a.must_core()
+    assert core.role is Role.FOLLOWER and core.term == new_term
+    assert core.log.term(index) == new_term
+    assert core.log.persisted < index
+    a.finish_ready()  # the old write completes now: (index, old term) no longer exists
+    assert core.log.persisted < index
+    assert core.log.term(index) == new_term
+    assert core.log.committed_limit() < index  # nothing of the new tail applies yet
+    c.release("a")
+    assert core.log.persisted == core.log.last_index()
+    c.tick(n=3)
+    assert c.data("a") == c.data(new) and b"lost" not in c.data("a")
+
+
+def test_no_early_messages_until_the_leaders_term_is_durable() -> None:
+    # A lone voter wins at once: its first Appends (to a learner) share the Ready with its
+    # new term and vote, so they wait for the sync like everything else.
+    c = Cluster(("a",), learners=("l",))
+    a = c.nodes["a"]
+    c.core("a").campaign()
+    rd = a.take_ready()
+    assert rd is not None and rd.hard_state is not None and c.core("a").role is Role.LEADER
+    assert rd.early_messages == []
+    assert any(isinstance(m, Append) for m in rd.messages)
+    for msg, payload in a.finish_ready():
+        c.nodes["l"].deliver(msg, payload)
+    c.settle()
+    index = c.core("a").propose(b"x")
+    rd = a.take_ready()
+    assert rd is not None and (rd.hard_state is None or rd.hard_state.term == c.core("a").term)
+    assert any(isinstance(m, Append) and m.entries for m in rd.early_messages)
+    a.finish_ready()
+    c.settle()
+    assert committed_everywhere(c, index)
+
+
 # -- snapshots (§7) --------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from controlplane.errors import (
     ClosedError,
     InvalidRequestError,
     NotLeaderError,
+    OperationTimeoutError,
     StorageError,
     UnavailableError,
 )
@@ -263,6 +265,37 @@ def lone_node(
 def port_refuses(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+async def test_a_leaders_own_proposal_times_out_at_its_deadline(tmp_path: Path) -> None:
+    # The leader's proposals share one deadline timer (no asyncio.timeout each): a proposal
+    # stuck behind a slow disk still fails at its own deadline, saying the outcome is unknown,
+    # and the timer keeps serving later proposals with other deadlines.
+    slow = 0.0
+
+    def fsync(fd: int) -> None:
+        if slow:
+            time.sleep(slow)
+        os.fsync(fd)
+
+    node = lone_node(tmp_path / "n1", KV(), fsync=fsync)
+    with anyio.fail_after(20):
+        await node.start()
+        try:
+            assert await node.propose(b"a=1") == 1
+            slow = 0.6
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            late = asyncio.ensure_future(node.propose(b"c=3", within=5))
+            with pytest.raises(OperationTimeoutError, match="may or may not"):
+                await node.propose(b"b=2", within=0.15)
+            assert loop.time() - started < 0.5
+            slow = 0.0
+            assert await late is not None
+            assert await node.propose(b"d=4", within=2) is not None
+            assert not node._deadlines or all(f.done() for _, _, f in node._deadlines)
+        finally:
+            await node.stop()
 
 
 async def test_a_failed_fsync_stops_the_member_and_stop_still_releases_everything(

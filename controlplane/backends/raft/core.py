@@ -9,21 +9,43 @@ The driver loop is::
         feed ticks, received messages and client requests into the core
         if core.has_ready():
             rd = core.ready()
+            send rd.early_messages              (a leader's Appends/Heartbeats: no waiting)
             install rd.snapshot (if any), append rd.entries, save rd.hard_state; sync
             send rd.messages
             apply rd.committed_entries; answer rd.read_states once applied >= their index
-            core.advance(rd)
+            core.advance(rd)                    (= "persisted": the durability acknowledgement)
 
 Design decisions worth knowing:
 
-- Every message leaves the core only through a Ready, and every Ready's messages are sent
-  after that Ready's (and every earlier Ready's) state is durable. So a vote, an
-  acknowledgement or an entry sent to followers is never based on something a crash can take
-  back. Only one Ready is outstanding at a time; the core may be stepped and ticked between
-  :meth:`~RaftCore.ready` and :meth:`~RaftCore.advance` (for example while a thread syncs).
+- The persistence contract. Every message leaves the core only through a Ready. A Ready's
+  ``messages`` are sent after that Ready's (and every earlier Ready's) state is durable, so a
+  vote, a follower's acknowledgement, a vote request or anything sent by a member that is not
+  a settled leader is never based on something a crash can take back. The one exception is
+  ``early_messages``: a leader's Appends and Heartbeats, which the driver sends *before or
+  while* it persists the Ready's entries (Raft thesis §10.2.1, as etcd's raft does). This is
+  safe because:
+
+  * a leader's term and vote are durable before it sends anything early (early messages exist
+    only when the term and vote of the core equal those of the last hard state reported
+    durable through :meth:`~RaftCore.advance`, and never in a Ready that installs a snapshot);
+  * followers persist before they acknowledge, and only acknowledgements count;
+  * the leader counts its own log towards the commit quorum only up to ``log.persisted``, which
+    moves only in :meth:`~RaftCore.advance` — the explicit persistence acknowledgement, like
+    etcd's ``MsgStorageAppendResp``. It names the persisted tail by ``(index, term)`` and is
+    ignored for entries truncated or replaced since (a leader deposed, and its tail overwritten
+    by a newer leader, while its write was in flight); a new leader starts from
+    ``log.persisted``, never from entries merely handed to the driver. A leader that crashes
+    before persisting entries it already sent may lose them locally: if a quorum of followers
+    holds them they are committed and come back to it from the next leader, otherwise they
+    were never committed.
+
+  Only one Ready is outstanding at a time; the core may be stepped and ticked between
+  :meth:`~RaftCore.ready` and :meth:`~RaftCore.advance` (for example while a thread syncs),
+  and followers' acknowledgements that arrive meanwhile may commit entries without the
+  leader's own vote.
 - ``committed_entries`` only contains entries that are durable here, so they may be applied
-  while the next entries are being written.
-- A leader counts itself towards a quorum only for entries it has persisted.
+  while the next entries are being written (a leader's commit index may run ahead of its
+  own durable log; it applies only what it holds durably).
 - Replication is batched: proposals and acknowledgements only mark work, and Appends are built
   when the driver asks for a Ready, so everything proposed between two Readys travels in one
   Append per follower (up to ``max_size_per_msg``), pipelined within the in-flight limits.
@@ -44,8 +66,9 @@ Design decisions worth knowing:
 - Pre-vote (thesis §9.6), check-quorum and a leader lease on votes (§4.2.3) keep a partitioned
   or removed member from disrupting a healthy cluster.
 
-Not provided: joint consensus (changes of more than one voter at a time), and a Ready's
-messages are never sent before its entries are durable (thesis §10.2.1 allows it for a leader).
+Not provided: joint consensus (changes of more than one voter at a time), and more than one
+Ready in flight (the driver's persist of one Ready overlaps with stepping, not with the next
+Ready's persist).
 """
 
 from __future__ import annotations
@@ -190,6 +213,9 @@ class RaftCore:
         self._outstanding = False
         self._become_follower(self.term, None)
         self._prev_hs = HardState(self.term, self.vote, log.committed)
+        self._durable_term = hs.term
+        self._durable_vote = hs.vote
+        """Term and vote of the last hard state the driver reported durable (advance)."""
         self._prev_ss = SoftState(None, Role.FOLLOWER, self.term)
 
     def __repr__(self) -> str:
@@ -466,15 +492,32 @@ class RaftCore:
         ss = self._prev_ss
         if self.lead != ss.lead or self.role is not ss.role or self.term != ss.term:
             soft = self._prev_ss = SoftState(self.lead, self.role, self.term)
+        msgs = self.msgs
+        early: list[Message] = []
+        if (
+            self.role is Role.LEADER
+            and msgs
+            and snapshot is None
+            and self.term == self._durable_term
+            and self.vote == self._durable_vote
+        ):
+            # This leader's term and vote are durable (an earlier Ready carried them), so its
+            # Appends and Heartbeats may go out while this Ready's entries are persisted: it
+            # counts itself for an entry only once advance() reports the entry durable.
+            late: list[Message] = []
+            for msg in msgs:
+                (early if isinstance(msg, (Append, Heartbeat)) else late).append(msg)
+            msgs = late
         rd = Ready(
             soft_state=soft,
             hard_state=hard,
             snapshot=snapshot,
             entries=entries,
             committed_entries=committed,
-            messages=self.msgs,
+            messages=msgs,
             read_states=self.read_states,
             must_sync=must_sync,
+            early_messages=early,
         )
         self.msgs = []
         self.read_states = []
@@ -486,6 +529,9 @@ class RaftCore:
         if not self._outstanding:
             raise RuntimeError("advance() called without an outstanding Ready")
         self._outstanding = False
+        if rd.hard_state is not None:
+            self._durable_term = rd.hard_state.term
+            self._durable_vote = rd.hard_state.vote
         log = self.log
         if rd.snapshot is not None:
             log.stable_snapshot(rd.snapshot.index)

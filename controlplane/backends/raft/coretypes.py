@@ -131,22 +131,32 @@ class ReadState(msgspec.Struct, frozen=True):
 class Ready:
     """A batch of work for the driver. Its duties, in order:
 
+    0. ``early_messages``: a leader's Appends and Heartbeats. Send them at once: they may go
+       out before, or while, steps 1-2 make this Ready's entries durable (Raft thesis
+       §10.2.1). The core only puts messages here when it leads in a term whose term and
+       vote an earlier, already advanced, Ready made durable; it counts its own log towards
+       the commit quorum only for entries :meth:`RaftCore.advance` reported durable.
     1. ``snapshot``: if set, install the snapshot data the leader streamed into the state
        machine and replace the log with it in storage (``MemoryStorage.apply_snapshot``).
     2. ``entries``: append them to storage, replacing any stored entries at and after
        ``entries[0].index``; save ``hard_state`` if set; then sync (``must_sync`` says whether
        anything needs an fsync at all).
-    3. ``messages``: send them only after steps 1-2 are durable. An ``InstallSnapshot`` is an
+    3. ``messages``: send them only after steps 1-2 are durable (votes, acknowledgements,
+       everything of a member that is not a settled leader). An ``InstallSnapshot`` is an
        order to stream the snapshot named by its ``meta`` (or a newer one) to ``dst``, then
        deliver the message; report the outcome with ``RaftCore.report_snapshot``.
     4. ``committed_entries``: apply them in order. They are already durable here, so this
        may overlap with steps 2-3 of the same Ready.
     5. ``read_states``: answer each read once the applied index reaches its ``index``.
-    6. Call ``RaftCore.advance(ready)``.
+    6. Call ``RaftCore.advance(ready)`` once steps 1-2 are durable: this is the persistence
+       acknowledgement (etcd's ``MsgStorageAppendResp``). It marks ``entries`` durable by
+       their last ``(index, term)`` — ignored if they were truncated or replaced meanwhile —
+       and only then may a leader count them as held by itself.
     """
 
     __slots__ = (
         "committed_entries",
+        "early_messages",
         "entries",
         "hard_state",
         "messages",
@@ -167,6 +177,7 @@ class Ready:
         messages: list[Message],
         read_states: list[ReadState],
         must_sync: bool,
+        early_messages: list[Message] | None = None,
     ) -> None:
         self.soft_state = soft_state
         """Leader, role and term, when any of them changed since the last Ready."""
@@ -180,6 +191,9 @@ class Ready:
         """Committed, locally durable entries to apply, in order."""
         self.messages = messages
         """Messages to send once this Ready's state is durable."""
+        self.early_messages: list[Message] = early_messages if early_messages is not None else []
+        """A settled leader's Appends and Heartbeats: send them without waiting for this
+        Ready's state to be durable (see step 0)."""
         self.read_states = read_states
         """Linearizable reads confirmed by the leader."""
         self.must_sync = must_sync
@@ -190,5 +204,6 @@ class Ready:
         return (
             f"Ready(soft={self.soft_state}, hard={self.hard_state}, snapshot={self.snapshot}, "
             f"entries={len(self.entries)}, committed={len(self.committed_entries)}, "
-            f"messages={len(self.messages)}, reads={len(self.read_states)})"
+            f"messages={len(self.messages)}, early={len(self.early_messages)}, "
+            f"reads={len(self.read_states)})"
         )

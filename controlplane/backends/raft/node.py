@@ -1,10 +1,12 @@
 """The node driver: runs a :class:`RaftCore` with real storage, transport and time.
 
 One asyncio task (the loop) owns the core: it feeds ticks, received messages, proposals and
-reads into it, and carries out each :class:`Ready` in the order the core's contract demands —
-persist (in a worker thread, so a slow disk never delays heart-beats), then send, then apply,
-then answer reads. Inputs that arrive while a Ready is being persisted queue up and go into the
-next one, which is how entries are group-committed: many proposals, one fsync.
+reads into it, and carries out each :class:`Ready` in the order the core's contract demands:
+send a leader's early messages (Appends, Heartbeats: the leader's fsync then overlaps with the
+followers'), persist (in the storage thread, so a slow disk never delays heart-beats), send
+the rest, apply, answer reads, and acknowledge the persist (``core.advance``). Inputs that
+arrive while a Ready is being persisted queue up and go into the next one, which is how
+entries are group-committed: many proposals, one fsync.
 
 A member that is not the leader forwards proposals to the leader; the leader answers with the
 index and term the entry got, and the follower waits until its own state machine applies that
@@ -16,14 +18,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import itertools
 import logging
+import queue
 import random
 import ssl
+import threading
 import time
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -224,7 +228,7 @@ class RaftNode:
         self._rng = rng or random.Random()
         self._on_role_change = on_role_change
         self._on_notice = on_notice
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"raft-{member_id}")
+        self._storage_thread = _StorageThread(f"raft-{member_id}-storage")
         if advertise_address is not None:
             parse_address(advertise_address)
         self._advertise = advertise_address
@@ -256,6 +260,11 @@ class RaftNode:
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._request_ids = itertools.count(1)
+        self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
+        """(loop time, seq, future) of the leader's own proposals: one timer for all of them
+        (``_expire``) instead of an ``asyncio.timeout`` per proposal."""
+        self._deadline_seq = itertools.count()
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._read_ids = itertools.count(1)
         self._incoming: dict[str, tuple[SnapshotMeta, bytearray]] = {}
         self._ready_snapshots: dict[str, tuple[SnapshotMeta, bytes]] = {}
@@ -399,8 +408,12 @@ class RaftNode:
         await self.transport.close()
         self._set_soft_state(None, Role.FOLLOWER)
         self._fail_all(ClosedError("the Raft member was stopped"))
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._storage.close)
-        self._executor.shutdown(wait=True)
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
+        await self._in_thread(self._storage.close)
+        self._storage_thread.shutdown()
 
     async def _transfer_away(self) -> None:
         core = self.core
@@ -425,18 +438,27 @@ class RaftNode:
         """
         started = time.monotonic()
         deadline = time.monotonic() + (within or self.options.request_timeout)
+        loop = asyncio.get_running_loop()
         while True:
             self._check_running()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise OperationTimeoutError("the proposal did not complete in time")
             try:
-                # asyncio.timeout, never wait_for, around the waits of this class: 3.11's
-                # wait_for runs a coroutine in a task of its own, whose exception is lost
-                # (and logged) when a cancellation meets a reply; on a future it may return
-                # the result and swallow the cancellation.
-                async with asyncio.timeout(remaining):
-                    result = await self._propose_once(data)
+                if self._leader == self.id:
+                    # The hot path: no timer of its own; _expire fails it at the deadline.
+                    future: asyncio.Future[Any] = loop.create_future()
+                    self._proposals.append((data, future))
+                    self._expire_at(loop, loop.time() + remaining, future)
+                    self._wake.set()
+                    result = await future
+                else:
+                    # asyncio.timeout, never wait_for, around the waits of this class: 3.11's
+                    # wait_for runs a coroutine in a task of its own, whose exception is lost
+                    # (and logged) when a cancellation meets a reply; on a future it may
+                    # return the result and swallow the cancellation.
+                    async with asyncio.timeout(remaining):
+                        result = await self._propose_once(data)
                 self.metrics.proposal_seconds.observe(time.monotonic() - started)
                 return result
             except TimeoutError:
@@ -445,6 +467,32 @@ class RaftNode:
                 ) from None
             except _Retry:
                 await asyncio.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    def _expire_at(
+        self, loop: asyncio.AbstractEventLoop, at: float, future: asyncio.Future[Any]
+    ) -> None:
+        heap = self._deadlines
+        while heap and heap[0][2].done():  # answered ones, mostly in deadline order
+            heapq.heappop(heap)
+        heapq.heappush(heap, (at, next(self._deadline_seq), future))
+        timer = self._deadline_timer
+        if timer is None or at < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = loop.call_at(at, self._expire)
+
+    def _expire(self) -> None:
+        """Fail the proposals whose deadline passed; re-arm the timer for the next one."""
+        self._deadline_timer = None
+        heap = self._deadlines
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while heap and (heap[0][0] <= now or heap[0][2].done()):
+            future = heapq.heappop(heap)[2]
+            if not future.done():
+                future.set_exception(OperationTimeoutError("the proposal did not complete in time"))
+        if heap:
+            self._deadline_timer = loop.call_at(heap[0][0], self._expire)
 
     async def _propose_once(self, data: bytes) -> Any:
         loop = asyncio.get_running_loop()
@@ -835,6 +883,10 @@ class RaftNode:
             self._sync_peers(core.conf)
         if rd.soft_state is not None:
             self._set_soft_state(rd.soft_state.lead, rd.soft_state.role)
+        # A settled leader's Appends and Heartbeats go out before its own fsync, which then
+        # overlaps with the followers' (the core counts this member's log only after advance).
+        for msg in rd.early_messages:
+            self._send(msg.dst, msg)
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
         if rd.entries or rd.must_sync:
@@ -846,7 +898,7 @@ class RaftNode:
             else:
                 self._send(msg.dst, msg)
         if core.role is Role.LEADER:
-            self._introduce(core, rd.messages)
+            self._introduce(core, [*rd.early_messages, *rd.messages])
         if rd.committed_entries:
             self._apply(rd.committed_entries)
         for read in rd.read_states:
@@ -1054,7 +1106,7 @@ class RaftNode:
     # --- helpers -----------------------------------------------------------------------------
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await self._storage_thread.run(fn, *args)
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"raft-{self.id}-{name}")
@@ -1082,6 +1134,77 @@ class RaftNode:
                 future.set_exception(exc)
         self._waiters.clear()
         self._leader_changed.set()
+
+
+_Work = tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
+class _StorageThread:
+    """The one thread that touches storage, in submission order.
+
+    Cheaper than ``run_in_executor`` on a one-worker pool (measured ~25 µs less per hand-off,
+    two on every commit): a plain queue in, ``call_soon_threadsafe`` back, no
+    ``concurrent.futures.Future`` to chain. As with an executor, a cancelled caller does not
+    cancel the work: later work still runs after it.
+    """
+
+    __slots__ = ("_name", "_queue", "_thread")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` on the thread; the future (of the running loop) gets its result."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put((loop, future, fn, args))
+        return future
+
+    def shutdown(self) -> None:
+        """Let the thread finish what was submitted, then end it (waits for it)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join()
+
+    def _work(self) -> None:
+        get = self._queue.get
+        while True:
+            item = get()
+            if item is None:
+                return
+            loop, future, fn, args = item
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to the caller, as an executor would
+                _complete(loop, future, None, exc)
+            else:
+                _complete(loop, future, result, None)
+            del item, loop, future, fn, args
+
+
+def _complete(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any,
+    exc: BaseException | None,
+) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop was closed: nobody waits any more
+        loop.call_soon_threadsafe(_set_future, future, result, exc)
+
+
+def _set_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return  # the caller was cancelled
+    if exc is None:
+        future.set_result(result)
+    else:
+        future.set_exception(exc)
 
 
 class _Retry(Exception):
