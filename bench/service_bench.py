@@ -361,9 +361,9 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         # With --spread the throughput clients connect to any member (RaftClient's default):
         # followers forward the writes, and the stream of commands to clients is spread.
         anywhere = cluster.client_addresses() if args.spread else [leader_address]
-        for k in range(max(2, args.clients)):
-            addresses = [leader_address] if k == 0 else anywhere
-            clients.append(await connect(addresses, cluster_id=CLUSTER_ID))
+        # One client only while the single-client latencies are measured: every connected
+        # client receives the command stream, which would load the members and this process.
+        clients.append(await connect([leader_address], cluster_id=CLUSTER_ID))
         one = clients[0]
         # The nodes registered below never heart-beat: with the default node_timeout (10 s)
         # the leader would mark them DOWN during the run and re-place every shard on them.
@@ -380,10 +380,18 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         index = next(iter(state.indices.values()))
         res.docs["create_index"] = _json(index)
         res.docs["register_node"] = _json(next(iter(state.nodes.values())))
+        # The throughput clients hold no replica unless --replica-clients (etcd's clients
+        # hold none either); the replicas of `one` and the watcher are not connected meanwhile.
+        await one.stop()
+        writers = [
+            await connect(anywhere, cluster_id=CLUSTER_ID, replica=args.replica_clients)
+            for _ in range(args.clients)
+        ]
+        clients += writers
         pids = cluster.pids()
         for op in ("create_index", "set_feature_flag"):
-            await stable(cluster, one)
-            call = our_call(clients[: args.clients], op, f"t-{op[:4]}")
+            await stable(cluster, writers[0])
+            call = our_call(writers, op, f"t-{op[:4]}")
             spy = asyncio.gather(
                 py_spy(args, pids[cluster.members[lead].id], f"leader-{op}", args.seconds - 0.5),
                 py_spy(args, os.getpid(), f"load-generator-{op}", args.seconds - 0.5),
@@ -394,11 +402,17 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
             await spy
             t = res.tput[op]
             res.notes += [f"ours {op}: {k} calls failed with {w}" for w, k in t.errors.items()]
+            kind = "full" if args.replica_clients else "write-only"
             print(
-                f"ours: {op}, {args.concurrency} callers over {args.clients} clients: "
+                f"ours: {op}, {args.concurrency} callers over {args.clients} {kind} clients: "
                 f"{rate(t.value)} ({t.failed} failed); {t.cpu}; CPU per write: " + per_write(t),
                 flush=True,
             )
+        for writer in writers:
+            await writer.stop()
+        one = await connect([leader_address], cluster_id=CLUSTER_ID)
+        watcher = await connect(anywhere, cluster_id=CLUSTER_ID)
+        clients += [one, watcher]
         clock = time.perf_counter
         local, linear = [], []
         for _ in range(args.reads):
@@ -415,7 +429,7 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
             f"p50 {ms(pct(linear, 50))}",
             flush=True,
         )
-        res.watch = await watch_latency(clients[0], clients[1], args.watch_n)
+        res.watch = await watch_latency(one, watcher, args.watch_n)
         print(f"ours: watch delivery p50 {ms(pct(res.watch, 50))}", flush=True)
     finally:
         for client in clients:
@@ -1146,12 +1160,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-fsync", action="store_true", help="diagnostic: our members with raft.fsync false"
     )
     parser.add_argument("--no-etcd", action="store_true")
+    parser.add_argument(
+        "--replica-clients",
+        action="store_true",
+        help="throughput through full RaftClients (each applies every command to its own "
+        "replica) instead of write-only ones (replica=False, like etcd's clients)",
+    )
     parser.add_argument("--no-pysyncobj", action="store_true")
     parser.add_argument(
         "--no-uvloop",
         action="store_true",
-        help="asyncio's loop in this process and in the in-leader member "
-        "(the serve members always use asyncio's)",
+        help="asyncio's loop in this process and in the in-leader member (the serve members "
+        "use uvloop whenever it is installed)",
     )
     parser.add_argument("--data-dir", type=Path, help="parent of the temporary data dirs")
     parser.add_argument(
@@ -1231,8 +1251,10 @@ def run(argv: list[str] | None = None) -> list[list[str]]:
     print(
         "\nratio = ours / theirs: below 1 is better for us on latency and failover rows, above 1 "
         "on throughput rows. Ours: 3 `controlplane serve` processes (heart-beat 0.1 s, election "
-        "timeout 1.0 s randomized to [1.0, 2.0) s, fsync on); writes and reads through "
-        "RaftClient connected to the leader. etcd: 3 members, defaults (heart-beat 100 ms, "
+        "timeout 1.0 s randomized to [1.0, 2.0) s, fsync on, uvloop if installed); writes "
+        "and reads through RaftClient connected to the leader, the throughput rows through "
+        f"{args.clients} {'full' if args.replica_clients else 'write-only (replica=False)'} "
+        "RaftClients. etcd: 3 members, defaults (heart-beat 100 ms, "
         "election 1000 ms, fsync on), JSON gateway over keep-alive HTTP/1.1 to the leader. "
         f"PySyncObj {PYSYNCOBJ.split('==')[1]}: 3 processes, SyncObjConf() defaults (election "
         "0.4-1.4 s), writes are counter increments from inside the leader's process; its "
