@@ -60,6 +60,7 @@ from ...types import (
 from ...validation import check_holder, check_name
 from ...watch import EventStream, WatchHub
 from ..base import CommandBackend
+from . import framing
 from .coretypes import ConfChangeType
 from .framing import (
     DEFAULT_MAX_FRAME_SIZE,
@@ -202,6 +203,8 @@ class _Link:
         out = self._out
         if out and self.broken is None and not self.writer.transport.is_closing():
             self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+            if framing.TRACE is not None:
+                framing.TRACE("c.flush")
         out.clear()
         self._out_bytes = 0
 
@@ -448,6 +451,8 @@ class RaftClient(CommandBackend):
     # --- the CommandBackend primitives -------------------------------------------------------
 
     async def _execute(self, command: c.Command) -> Any:
+        if framing.TRACE is not None:
+            framing.TRACE("c.start")
         self._check_open()
         deadline = asyncio.get_running_loop().time() + self._request_timeout
         async with self._slots:
@@ -466,7 +471,11 @@ class RaftClient(CommandBackend):
                 self._finish(seq)
         if not isinstance(reply, ExecuteReply):
             raise _unexpected(reply)
+        if framing.TRACE is not None:
+            framing.TRACE("c.reply")
         await self._reach(reply.version, deadline)
+        if framing.TRACE is not None:
+            framing.TRACE("c.done")
         decoder = _RESULT_DECODERS.get(type(command))
         return None if decoder is None else decoder.decode(reply.value)
 
@@ -892,6 +901,8 @@ class RaftClient(CommandBackend):
         frames = FrameReader(link.reader, self._max_frame)
         while True:
             batch = await frames.read_frames()
+            if framing.TRACE is not None:
+                framing.TRACE("c.read", len(batch))
             before = self._machine.state.version
             for payload in batch:
                 message = decode_frame(_REPLY_DECODER, payload)

@@ -14,7 +14,10 @@ Used by the Raft peer transport and by the client/server API; it knows nothing o
 from __future__ import annotations
 
 import asyncio
+import atexit
+import os
 import struct
+import time
 from collections import deque
 from collections.abc import Iterable
 from types import TracebackType
@@ -105,6 +108,53 @@ def check_max_frame_size(max_size: int) -> int:
     if not 0 < max_size <= MAX_FRAME_SIZE_LIMIT:
         raise ValueError(f"max frame size must be in 1..{MAX_FRAME_SIZE_LIMIT}, got {max_size}")
     return max_size
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+class _Tracer:
+    """Latency tracing for diagnosis, off unless ``CONTROLPLANE_TRACE`` names a directory.
+
+    Call sites test ``TRACE is not None`` first, so tracing costs one global lookup when off.
+    Each process appends ``name key monotonic_ns`` lines to ``<dir>/trace.<pid>``, 64 lines at
+    a time and at exit (``CLOCK_MONOTONIC`` is the same clock in every process of the machine,
+    so the files of a cluster's processes and of its clients line up).
+
+    Events (``key``: the last entry index of a Ready, or 0): ``n.prop``/``n.res`` a local
+    proposal called/returned, ``n.idx`` it got its index, ``n.wake`` the node loop woke,
+    ``n.rd`` a Ready with entries, ``n.early`` its early messages sent, ``n.t0``/``n.t1`` the
+    storage thread's write+fsync start/end (key: ``index ns``), ``n.p1`` the loop resumed
+    after it, ``n.sent`` the Ready's messages sent, ``n.apply`` committed entries applied,
+    ``n.adv`` advance, ``n.rAppend``/``n.rResp`` an Append with entries/an AppendResponse
+    received; service: ``s.recv`` a request frame, ``s.call``/``s.ret`` around the proposal,
+    ``s.strm`` replicated commands queued, ``s.flush`` a write to a client; client:
+    ``c.start``, ``c.flush``, ``c.read`` (key: frames), ``c.reply``, ``c.done`` of a write.
+    """
+
+    __slots__ = ("_file", "_lines")
+
+    def __init__(self, directory: str) -> None:
+        self._file = open(  # noqa: SIM115 - lives as long as the process
+            os.path.join(directory, f"trace.{os.getpid()}"), "a", encoding="ascii"
+        )
+        self._lines: list[str] = []
+        atexit.register(self.flush)
+
+    def __call__(self, name: str, key: object = 0) -> None:
+        self._lines.append(f"{name} {key} {time.monotonic_ns()}\n")
+        if len(self._lines) >= 64:
+            self.flush()
+
+    def flush(self) -> None:
+        self._file.writelines(self._lines)
+        self._lines.clear()
+        self._file.flush()
+
+
+_trace_dir = os.environ.get("CONTROLPLANE_TRACE")
+TRACE: _Tracer | None = _Tracer(_trace_dir) if _trace_dir else None
+"""The tracer when ``CONTROLPLANE_TRACE`` is set, else None."""
 
 
 # --------------------------------------------------------------------------- reading

@@ -44,6 +44,7 @@ from ...errors import (
     UnavailableError,
 )
 from ...metrics import NodeMetrics, timed
+from . import framing
 from .core import (
     Busy,
     ConfChangeType,
@@ -56,7 +57,7 @@ from .core import (
     Ready,
     Role,
 )
-from .messages import Heartbeat, InstallSnapshot, Message
+from .messages import Append, AppendResponse, Heartbeat, InstallSnapshot, Message
 from .records import ConfState, Entry, EntryType, SnapshotMeta
 from .storage import DiskStorage
 from .transport import PeerTransport, TransportOptions
@@ -436,6 +437,8 @@ class RaftNode:
         Raises ``OperationTimeoutError`` when the deadline passes (the entry may or may not
         have been committed), ``UnavailableError`` when no leader can be found in time.
         """
+        if framing.TRACE is not None:
+            framing.TRACE("n.prop")
         started = time.monotonic()
         deadline = time.monotonic() + (within or self.options.request_timeout)
         loop = asyncio.get_running_loop()
@@ -460,6 +463,8 @@ class RaftNode:
                     async with asyncio.timeout(remaining):
                         result = await self._propose_once(data)
                 self.metrics.proposal_seconds.observe(time.monotonic() - started)
+                if framing.TRACE is not None:
+                    framing.TRACE("n.res")
                 return result
             except TimeoutError:
                 raise OperationTimeoutError(
@@ -733,6 +738,8 @@ class RaftNode:
     def _receive(self, msg: PeerMessage) -> None:
         if self.message_filter is not None and not self.message_filter(msg):
             return
+        if framing.TRACE is not None:
+            _trace_receive(msg)
         self._inbox.append(msg)
         self._wake.set()
 
@@ -747,11 +754,15 @@ class RaftNode:
             while not self._stopping:
                 await self._wake.wait()
                 self._wake.clear()
+                if framing.TRACE is not None:
+                    framing.TRACE("n.wake")
                 self._feed(core)
                 while core.has_ready():
                     rd = core.ready()
                     await self._handle_ready(core, rd)
                     core.advance(rd)
+                    if framing.TRACE is not None:
+                        framing.TRACE("n.adv")
                     self._feed(core)
                 self._maybe_snapshot(core)
         except Exception as exc:  # storage failed, or a bug: never carry on as if it had not
@@ -804,6 +815,8 @@ class RaftNode:
                 future.set_exception(UnavailableError(str(exc)))
             else:
                 self._waiters[index] = _Waiter(core.term, future)
+                if framing.TRACE is not None:
+                    framing.TRACE("n.idx", index)
         reads = self._reads
         while reads:
             ctx, rfuture = reads.popleft()
@@ -885,21 +898,39 @@ class RaftNode:
             self._set_soft_state(rd.soft_state.lead, rd.soft_state.role)
         # A settled leader's Appends and Heartbeats go out before its own fsync, which then
         # overlaps with the followers' (the core counts this member's log only after advance).
+        trace = framing.TRACE
+        last = rd.entries[-1].index if rd.entries else 0
+        if trace is not None and last:
+            trace("n.rd", last)
         for msg in rd.early_messages:
             self._send(msg.dst, msg)
+        if trace is not None and last and rd.early_messages:
+            trace("n.early", last)
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
         if rd.entries or rd.must_sync:
-            took = await self._in_thread(timed, self._storage.save, rd.hard_state, rd.entries)
+            if trace is not None and last:
+                took, t0, t1 = await self._in_thread(
+                    _save_traced, self._storage.save, rd.hard_state, rd.entries
+                )
+                trace("n.p1", last)
+                trace("n.t0", f"{last} {t0}")
+                trace("n.t1", f"{last} {t1}")
+            else:
+                took = await self._in_thread(timed, self._storage.save, rd.hard_state, rd.entries)
             self.metrics.fsync_seconds.observe(took)
         for msg in rd.messages:
             if isinstance(msg, InstallSnapshot):
                 self._start_snapshot_send(core, msg)
             else:
                 self._send(msg.dst, msg)
+        if trace is not None and last and rd.messages:
+            trace("n.sent", last)
         if core.role is Role.LEADER:
             self._introduce(core, [*rd.early_messages, *rd.messages])
         if rd.committed_entries:
+            if trace is not None:
+                trace("n.apply", rd.committed_entries[-1].index)
             self._apply(rd.committed_entries)
         for read in rd.read_states:
             future = self._read_waiters.pop(read.ctx, None)
@@ -1205,6 +1236,21 @@ def _set_future(future: asyncio.Future[Any], result: Any, exc: BaseException | N
         future.set_result(result)
     else:
         future.set_exception(exc)
+
+
+def _save_traced(save: Callable[..., Any], *args: Any) -> tuple[float, int, int]:
+    t0 = time.monotonic_ns()
+    save(*args)
+    t1 = time.monotonic_ns()
+    return (t1 - t0) / 1e9, t0, t1
+
+
+def _trace_receive(msg: PeerMessage) -> None:
+    assert framing.TRACE is not None
+    if isinstance(msg, Append) and msg.entries:
+        framing.TRACE("n.rAppend", msg.entries[-1].index)
+    elif isinstance(msg, AppendResponse):
+        framing.TRACE("n.rResp", f"{msg.index} {msg.src}")
 
 
 class _Retry(Exception):

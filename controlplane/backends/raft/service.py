@@ -34,6 +34,7 @@ from ...errors import (
     OperationTimeoutError,
 )
 from ...types import ClusterState
+from . import framing
 from .coretypes import ConfChangeType
 from .framing import (
     EndOfStream,
@@ -358,6 +359,8 @@ class _Connection:
             await asyncio.wait(tasks)
 
     async def _dispatch(self, payload: bytes) -> None:
+        if framing.TRACE is not None:
+            framing.TRACE("s.recv")
         try:
             message = decode_frame(_REQUEST_DECODER, payload)
         except FrameDecodeError as exc:
@@ -431,6 +434,8 @@ class _Connection:
         out.clear()
         self._out_bytes = 0
         self._writer.write(data)
+        if framing.TRACE is not None:
+            framing.TRACE("s.flush")
 
     async def _drain(self) -> None:
         """Wait while the transport holds more than its high-water mark (with the write
@@ -494,8 +499,12 @@ class _Connection:
                         f"a client may only execute ClientCommand, not {type(command).__name__}"
                     )
                 validate(command)  # nothing invalid reaches the log
+                if framing.TRACE is not None:
+                    framing.TRACE("s.call")
                 # The bytes the client sent, as validated: every replica decodes them alike.
                 outcome = await node.propose(data)
+                if framing.TRACE is not None:
+                    framing.TRACE("s.ret")
                 result = outcome.unwrap()
                 return ExecuteReply(request=rid, version=result.version, value=result.value)
             case ReadIndex(request=rid):
@@ -630,6 +639,8 @@ class _Connection:
                 await commands.wait_beyond(since)
                 continue
             try:
+                if framing.TRACE is not None:
+                    framing.TRACE("s.strm")
                 for version, command in entries:
                     self._write(Replicate(version=version, command=command))
                     since = version
