@@ -9,8 +9,10 @@ never looks inside them.
 Contract:
 
 - :meth:`PeerTransport.send` never blocks and never fails for network reasons. It encodes the
-  message, appends it to a bounded per-peer queue and returns. A writer task per peer drains
-  the queue, writing many frames per system call and per ``drain()``.
+  message and, when the peer's connection is up, nothing is queued before it and the socket
+  is not backed up, hands it to the socket at once (no task wake-up on the way). Otherwise it
+  appends it to a bounded per-peer queue and returns; a writer task per peer connects and
+  drains the queue, writing many frames per system call and per ``drain()``.
 - Per peer, messages arrive **in send order, at most once, possibly with gaps**. Gaps come from
   queue overflow (the *oldest* queued message is dropped and counted), from frames written to a
   connection that breaks, and from restarts. Raft tolerates message loss; it must not be used
@@ -450,6 +452,22 @@ class PeerTransport(Generic[T]):
             return
         frame = encode_message_frame(self._encoder, message, self._opts.max_frame_size)
         queue = peer.queue
+        conn = peer.conn
+        if not queue and conn is not None and conn.broken is None:
+            # The fast path: nothing waits before this frame, so writing it now keeps the
+            # order, and saves the writer task's wake-up (a loop iteration) on every hop.
+            # Under backpressure (the socket's buffer above its high-water mark) the frame
+            # queues and the writer task waits for the socket to drain as usual.
+            transport = conn.writer.transport
+            if (
+                not transport.is_closing()
+                and transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]
+            ):
+                transport.write(frame)
+                stats = peer.stats
+                stats.sent_frames += 1
+                stats.sent_bytes += len(frame)
+                return
         queue.append(frame)
         peer.queued_bytes += len(frame)
         if (
