@@ -260,6 +260,8 @@ class RaftNode:
         self._forwarded: dict[int, asyncio.Future[tuple[int, int]]] = {}
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._answered = False
+        """The last Ready's apply answered a waiting proposer."""
         self._request_ids = itertools.count(1)
         self._deadlines: list[tuple[float, int, asyncio.Future[Any]]] = []
         """(loop time, seq, future) of the leader's own proposals: one timer for all of them
@@ -904,6 +906,13 @@ class RaftNode:
             trace("n.rd", last)
         save: asyncio.Future[Any] | None = None
         persist = bool(rd.entries or rd.must_sync)
+        applied = False
+        if not persist and rd.snapshot is None and rd.committed_entries:
+            # Nothing to make durable (the leader learnt of a commit): apply first, and let
+            # the proposers this answered reply before the messages (the commit's broadcast)
+            # are sent.
+            await self._apply_committed(rd)
+            applied = True
         if persist and rd.early_messages:
             # A Ready with early messages installs no snapshot (see core.py): hand the write
             # to the storage thread first, so that it starts while the Appends go out.
@@ -933,14 +942,22 @@ class RaftNode:
             trace("n.sent", last)
         if core.role is Role.LEADER:
             self._introduce(core, [*rd.early_messages, *rd.messages])
-        if rd.committed_entries:
-            if trace is not None:
-                trace("n.apply", rd.committed_entries[-1].index)
-            self._apply(rd.committed_entries)
+        if rd.committed_entries and not applied:
+            await self._apply_committed(rd)
         for read in rd.read_states:
             future = self._read_waiters.pop(read.ctx, None)
             if future is not None and not future.done():
                 future.set_result(read.index)
+
+    async def _apply_committed(self, rd: Ready) -> None:
+        if framing.TRACE is not None:
+            framing.TRACE("n.apply", rd.committed_entries[-1].index)
+        self._apply(rd.committed_entries)
+        if self._answered:
+            # One loop iteration for the proposers answered here (their replies go out now),
+            # before this member works out anything else.
+            self._answered = False
+            await asyncio.sleep(0)
 
     def _save(self, rd: Ready, traced: bool) -> asyncio.Future[Any]:
         """Persist ``rd``'s entries and hard state in the storage thread; the future gets the
@@ -996,6 +1013,7 @@ class RaftNode:
             recent[entry.index] = (entry.term, result)
             waiter = waiters.pop(entry.index, None)
             if waiter is not None and not waiter.future.done():
+                self._answered = True
                 if waiter.term == entry.term:
                     waiter.future.set_result(result)
                 else:
