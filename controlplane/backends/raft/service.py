@@ -484,6 +484,10 @@ class _Connection:
                 self._write(reply)
             except FrameTooLargeError as exc:
                 self._write(error_reply(message.request, InvalidRequestError(str(exc))))
+            if len(self._handlers) <= 1:
+                # The only request in flight: no other reply can join this write, so do not
+                # wait for the next loop iteration (where the loop first polls for I/O).
+                self._flush()
             await self._drain()
         except _ConnectionGone:
             pass
