@@ -2,6 +2,9 @@
 
 Adding a backend to the suite is adding one entry to ``HARNESSES`` (a factory of a fresh
 :class:`~controlplane.testing.BackendHarness` per test); every check then runs against it.
+The ``k8s`` harness runs against one real etcd + kube-apiserver shared by the session (built
+from their Go modules on a machine's first run: right after collection, like tests/k8s, so the
+build does not count against a test's timeout).
 A harness with a ``kill_all()`` method (one that starts processes) has it called at teardown,
 whatever happened in the test, and ``remove_files()`` after that if it has one.
 """
@@ -15,6 +18,7 @@ from process.harness import ProcessClientHarness  # tests/ is on sys.path (tests
 
 from controlplane.testing import BackendHarness, MemoryHarness
 from controlplane.testing.client_harness import RaftClientHarness
+from controlplane.testing.k8s_harness import K8sHarness
 from controlplane.testing.raft_harness import RaftHarness
 
 HARNESSES: dict[str, Callable[[], BackendHarness]] = {
@@ -23,7 +27,19 @@ HARNESSES: dict[str, Callable[[], BackendHarness]] = {
     "raft-3-in-process": lambda: RaftHarness(members=3),
     "raft-client-3-in-process": lambda: RaftClientHarness(members=3),
     "raft-client-3-processes": lambda: ProcessClientHarness(members=3),
+    "k8s": K8sHarness,
 }
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build etcd and kube-apiserver (if not cached) when a k8s check was collected."""
+    for item in session.items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("harness") == "k8s":
+            from controlplane.testing.k8s_env import build_binaries  # noqa: PLC0415
+
+            build_binaries()
+            return
 
 
 @pytest.fixture(params=sorted(HARNESSES))

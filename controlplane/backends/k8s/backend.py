@@ -219,6 +219,9 @@ class K8sControlPlane(CommandBackend):
         self._released = 0
         self._probed: dict[str, int] = dict.fromkeys(_KINDS, 0)
         self._probe_lock = asyncio.Lock()
+        self._waiting = asyncio.Event()
+        """Set when changes wait for the watermark (the pump then probes idle informers)."""
+        self._pump_task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._liveness = Liveness(self._clock())
         self._started = False
@@ -262,6 +265,7 @@ class K8sControlPlane(CommandBackend):
         for kind, informer in self._informers.items():
             informer.add_handler(functools.partial(self._on_change, kind))
             informer.start()
+        self._pump_task = asyncio.create_task(self._pump(), name="k8s-merger-pump")
         try:
             async with asyncio.timeout(self._sync_timeout):
                 for informer in self._informers.values():
@@ -302,6 +306,10 @@ class K8sControlPlane(CommandBackend):
             self._hub.close()
         if self._elector is not None:
             await self._elector.close()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
         for informer in self._informers.values():
             await informer.close()
         if self._api is not None:
@@ -356,6 +364,26 @@ class K8sControlPlane(CommandBackend):
     def _on_change(self, kind: str, change: Change) -> None:
         heapq.heappush(self._pending, (change.resource_version, next(self._seq), kind, change))
         self._release()
+        if self._pending:
+            self._waiting.set()
+
+    async def _pump(self) -> None:
+        """Release changes that wait for idle informers (a write by another replica or by
+        hand: nobody of this replica waits for it) by probing those informers."""
+        while True:
+            await self._waiting.wait()
+            await asyncio.sleep(0.01)  # the other informers may deliver by themselves
+            self._waiting.clear()
+            self._release()
+            if not self._pending:
+                continue
+            target = max(entry[0] for entry in self._pending)
+            try:
+                await self._sync_to(target)
+            except ControlPlaneError as exc:
+                _log.warning("cannot establish the informers' progress: %s", exc)
+                self._waiting.set()
+                await asyncio.sleep(1.0)
 
     def _release(self) -> None:
         """Apply every pending change at or below the low watermark, in resourceVersion order

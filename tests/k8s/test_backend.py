@@ -1,0 +1,198 @@
+"""K8sControlPlane beyond the conformance suite, on the real API server: two replicas of one
+control plane agree on versions and events, only the leader does the duties and a standby
+takes them over, hand-made resources are skipped (or adopted) without a crash, and the
+backend runs with the least-privilege service account of deploy/rbac.yaml."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from controlplane.backends.k8s import crds
+from controlplane.backends.k8s.backend import K8sControlPlane
+from controlplane.config import Config, K8sConfig
+from controlplane.errors import PermissionDeniedError
+from controlplane.testing.conformance_harness import (
+    collect_until_marker,
+    index_settings,
+    write_marker,
+)
+from controlplane.testing.k8s_env import KubeEnv
+from controlplane.testing.k8s_harness import K8sHarness
+from controlplane.types import ClusterEvent, EventKind, Node
+from k8s.test_rbac import apply_rbac
+
+pytestmark = pytest.mark.anyio
+
+FAST = {"lease_duration": 3.0, "renew_deadline": 2.0, "retry_period": 0.3}
+
+
+@pytest.fixture
+async def harness(kube_env: KubeEnv) -> AsyncIterator[K8sHarness]:
+    made = K8sHarness(kube_env)
+    await made.install_crds()
+    yield made
+
+
+def brief(events: list[ClusterEvent]) -> list[tuple[int, str, str]]:
+    return [(e.version, e.kind.value, e.key) for e in events]
+
+
+def replica(harness: K8sHarness, namespace: str, identity: str) -> K8sControlPlane:
+    config = Config(mode="k8s", k8s=K8sConfig(namespace=namespace, **FAST))
+    return K8sControlPlane(
+        config,
+        configuration=harness.env.configuration(),
+        clock=harness.clock,
+        identity=identity,
+    )
+
+
+async def test_two_replicas_agree_on_state_versions_and_events(
+    harness: K8sHarness, namespace: str
+) -> None:
+    async with (
+        replica(harness, namespace, "a") as a,
+        replica(harness, namespace, "b") as b,
+        asyncio.timeout(60),
+    ):
+        v0 = (await a.get_cluster_state(consistent=True)).version
+        await a.register_node(Node(id="n1"))
+        await b.register_node(Node(id="n2"))
+        index = await a.create_index("shared", index_settings(2, 1))
+        lock = await b.acquire_lock("shared/lock", "b-holder", 30)
+        await a.set_feature_flag("shared-flag", True)
+        # read-your-writes on the other replica: a linearizable read sees every write
+        seen_by_b = await b.get_cluster_state(consistent=True)
+        seen_by_a = await a.get_cluster_state(consistent=True)
+        assert seen_by_a.version == seen_by_b.version
+        assert seen_by_b.indices["shared"] == index
+        assert set(seen_by_b.nodes) == set(seen_by_a.nodes) == {"n1", "n2"}
+        assert seen_by_a.locks["shared/lock"].token == lock.token
+        assert seen_by_a.feature_flags == seen_by_b.feature_flags
+        assert seen_by_a.hash_ring == seen_by_b.hash_ring
+        marker = await write_marker(b)
+        async with a.watch(since=v0) as on_a, b.watch(since=v0) as on_b:
+            events_a = await collect_until_marker(on_a, marker, 20)
+            events_b = await collect_until_marker(on_b, marker, 20)
+        assert brief(events_a) == brief(events_b)
+        kinds = [e.kind for e in events_a]
+        for kind in (
+            EventKind.NODE_JOINED,
+            EventKind.INDEX_CREATED,
+            EventKind.LOCK_ACQUIRED,
+            EventKind.FLAG_CHANGED,
+            EventKind.RING_UPDATED,
+        ):
+            assert kind in kinds, brief(events_a)
+
+
+async def test_only_the_leader_reaps_and_a_standby_takes_over(
+    harness: K8sHarness, namespace: str
+) -> None:
+    async with replica(harness, namespace, "first") as first, asyncio.timeout(60):
+        await first.elector.wait_leading()
+        async with replica(harness, namespace, "second") as second:
+            await asyncio.sleep(1.0)  # several retry periods: the standby stays a standby
+            assert not second.elector.is_leader
+            lock = await second.acquire_lock("reap/me", "x", 1)
+            harness.clock.advance(5)
+            await second.run_maintenance()  # a standby does nothing
+            assert (await second.get_cluster_state(consistent=True)).locks.get("reap/me") == lock
+            v = (await second.get_cluster_state(consistent=True)).version
+            await first.stop()  # releases the election Lease
+            await second.elector.wait_leading()
+            async with second.watch(since=v, kinds={EventKind.LOCK_EXPIRED}) as stream:
+                await second.run_maintenance()
+                event = await anext(stream)
+            assert (event.kind, event.key, event.lock) == (EventKind.LOCK_EXPIRED, "reap/me", lock)
+
+
+async def test_hand_made_resources_are_skipped_or_adopted(
+    harness: K8sHarness, namespace: str, kube_env: KubeEnv
+) -> None:
+    base = f"/apis/{crds.GROUP}/{crds.VERSION}/namespaces/{namespace}"
+    async with replica(harness, namespace, "a") as cp, asyncio.timeout(60):
+        # an Index without the control plane's status: in flight, not part of the state
+        status, answer = await kube_env.request(
+            "POST",
+            f"{base}/indices",
+            body={
+                "apiVersion": crds.API_VERSION,
+                "kind": "Index",
+                "metadata": {"name": "by-hand"},
+                "spec": {"settings": {"number_of_shards": 2}},
+            },
+        )
+        assert status == 201, answer
+        # a "lock" Lease whose annotation does not match its name, and one without any
+        for name, annotations in (
+            ("lock-bogus", {"controlplane.dev/lock-key": "other"}),
+            ("lock-x", {}),
+        ):
+            status, answer = await kube_env.request(
+                "POST",
+                f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases",
+                body={
+                    "metadata": {
+                        "name": name,
+                        "labels": {"controlplane.dev/lease-type": "lock"},
+                        "annotations": annotations,
+                    },
+                    "spec": {"holderIdentity": "\x7fgarbage", "leaseDurationSeconds": 5},
+                },
+            )
+            assert status == 201, answer
+        # a schema-invalid Index is refused by the API server itself
+        status, answer = await kube_env.request(
+            "POST",
+            f"{base}/indices",
+            body={
+                "apiVersion": crds.API_VERSION,
+                "kind": "Index",
+                "metadata": {"name": "bad"},
+                "spec": {"settings": {"number_of_shards": 0}},
+            },
+        )
+        assert status == 422, answer
+        state = await cp.get_cluster_state(consistent=True)
+        assert "by-hand" not in state.indices and not state.locks
+        assert await cp.is_healthy()
+        # creating it through the control plane adopts the object
+        adopted = await cp.create_index("by-hand", index_settings(2, 0))
+        assert adopted.settings.number_of_shards == 2
+        assert (await cp.get_index("by-hand")) == adopted
+
+
+async def test_runs_with_the_least_privilege_service_account(
+    harness: K8sHarness, namespace: str, kube_env: KubeEnv
+) -> None:
+    await apply_rbac(kube_env, namespace)
+    token = await kube_env.service_account_token(namespace, "controlplane")
+    config = Config(mode="k8s", k8s=K8sConfig(namespace=namespace, **FAST))
+    async with asyncio.timeout(90):
+        for _ in range(100):  # the new binding reaches the authorizer's cache shortly
+            cp = K8sControlPlane(
+                config, configuration=kube_env.configuration(token), clock=harness.clock
+            )
+            try:
+                await cp.start()
+                break
+            except PermissionDeniedError:
+                await cp.stop()
+                await asyncio.sleep(0.2)
+        try:
+            await cp.elector.wait_leading()
+            await cp.register_node(Node(id="n1"))
+            index = await cp.create_index("logs", index_settings(1, 0))
+            assert index.routing[0].primary.node_id == "n1"
+            lock = await cp.acquire_lock("rbac/lock", "me", 10)
+            await cp.release_lock("rbac/lock", "me", lock.token)
+            await cp.heartbeat("n1")
+            await cp.delete_index("logs")
+            await cp.unregister_node("n1")
+            assert not (await cp.get_cluster_state(consistent=True)).indices
+        finally:
+            await cp.stop()
