@@ -1,22 +1,25 @@
 """K8sControlPlane beyond the conformance suite, on the real API server: two replicas of one
 control plane agree on versions and events, only the leader does the duties and a standby
-takes them over, hand-made resources are skipped (or adopted) without a crash, and the
-backend runs with the least-privilege service account of deploy/rbac.yaml."""
+takes them over, hand-made resources are skipped (or adopted) without a crash, the
+backend runs with the least-privilege service account of deploy/rbac.yaml, and an API server
+restart mid-watch loses and doubles no event."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from controlplane.backends.k8s import crds
 from controlplane.backends.k8s.backend import K8sControlPlane
 from controlplane.config import Config, K8sConfig
-from controlplane.errors import PermissionDeniedError
+from controlplane.errors import OperationTimeoutError, PermissionDeniedError, UnavailableError
 from controlplane.testing.conformance_harness import (
     collect_until_marker,
     index_settings,
+    next_event,
     write_marker,
 )
 from controlplane.testing.k8s_env import KubeEnv
@@ -196,3 +199,34 @@ async def test_runs_with_the_least_privilege_service_account(
             assert not (await cp.get_cluster_state(consistent=True)).indices
         finally:
             await cp.stop()
+
+
+async def test_apiserver_restart_loses_and_doubles_no_event(
+    kube_binaries: tuple[Path, Path], tmp_path: Path
+) -> None:
+    etcd, apiserver = kube_binaries
+    async with KubeEnv(tmp_path / "env", etcd=etcd, kube_apiserver=apiserver) as env:
+        harness = K8sHarness(env)
+        await harness.install_crds()
+        namespace = await env.create_namespace()
+        async with replica(harness, namespace, "a") as cp, asyncio.timeout(120):
+            v0 = (await cp.get_cluster_state(consistent=True)).version
+            names = [f"before-{i}" for i in range(5)] + [f"after-{i}" for i in range(5)]
+            async with cp.watch(since=v0, kinds={EventKind.FLAG_CHANGED}) as stream:
+                for name in names[:5]:
+                    await cp.set_feature_flag(name, True)
+                await env.restart_apiserver()
+                for name in names[5:]:
+                    while True:  # refused or unanswered while it restarts: idempotent, retry
+                        try:
+                            await cp.set_feature_flag(name, True)
+                            break
+                        except (UnavailableError, OperationTimeoutError):
+                            await asyncio.sleep(0.1)
+                events = [await next_event(stream, 30, f"flag {n}") for n in names]
+            assert [e.key for e in events] == names
+            versions = [e.version for e in events]
+            assert versions == sorted(set(versions))
+            assert dict(
+                (await cp.get_cluster_state(consistent=True)).feature_flags
+            ) == dict.fromkeys(names, True)
