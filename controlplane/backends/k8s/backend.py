@@ -486,6 +486,8 @@ class K8sControlPlane(CommandBackend):
                     self._lease_changed(rv, name, obj, fields, events)
             except (msgspec.ValidationError, ValueError, TypeError) as exc:
                 _log.warning("skipped %s %s: not a valid resource: %s", kind, name, exc)
+            except Exception:  # never lose the rest of the group to one object
+                _log.exception("skipped %s %s: materializing it failed", kind, name)
         self._refresh_ring(rv, fields, events)
         if not events:
             if fields:  # bookkeeping only (versions of the first config and ring seen)
