@@ -433,26 +433,54 @@ class RaftNode:
 
     # --- requests ----------------------------------------------------------------------------
 
-    async def propose(self, data: bytes, *, within: float | None = None) -> Any:
+    def start_proposal(self, data: bytes) -> asyncio.Future[Any] | None:
+        """On the leader, hand ``data`` to the loop now, with the default deadline, and
+        return what :meth:`propose` (``started=``) then awaits: a caller that is not a task
+        yet (a request just read) saves the iteration its task needs to start. None when this
+        member does not lead or does not run: :meth:`propose` alone then does it all."""
+        if self._leader != self.id or self._failure is not None or self._stopping:
+            return None
+        if framing.TRACE is not None:
+            framing.TRACE("n.prop")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._proposals.append((data, future))
+        self._expire_at(loop, loop.time() + self.options.request_timeout, future)
+        self._wake.set()
+        return future
+
+    async def propose(
+        self,
+        data: bytes,
+        *,
+        within: float | None = None,
+        started: asyncio.Future[Any] | None = None,
+    ) -> Any:
         """Replicate ``data``; return the state machine's result once it is applied here.
 
+        ``started``: what :meth:`start_proposal` returned for ``data`` (its first attempt).
         Raises ``OperationTimeoutError`` when the deadline passes (the entry may or may not
         have been committed), ``UnavailableError`` when no leader can be found in time.
         """
-        if framing.TRACE is not None:
+        if framing.TRACE is not None and started is None:
             framing.TRACE("n.prop")
-        started = time.monotonic()
+        first = started
+        started_at = time.monotonic()
         deadline = time.monotonic() + (within or self.options.request_timeout)
         loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any]
         while True:
             self._check_running()
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise OperationTimeoutError("the proposal did not complete in time")
             try:
-                if self._leader == self.id:
+                if first is not None:
+                    future, first = first, None
+                    result = await future
+                elif self._leader == self.id:
                     # The hot path: no timer of its own; _expire fails it at the deadline.
-                    future: asyncio.Future[Any] = loop.create_future()
+                    future = loop.create_future()
                     self._proposals.append((data, future))
                     self._expire_at(loop, loop.time() + remaining, future)
                     self._wake.set()
@@ -464,7 +492,7 @@ class RaftNode:
                     # return the result and swallow the cancellation.
                     async with asyncio.timeout(remaining):
                         result = await self._propose_once(data)
-                self.metrics.proposal_seconds.observe(time.monotonic() - started)
+                self.metrics.proposal_seconds.observe(time.monotonic() - started_at)
                 if framing.TRACE is not None:
                     framing.TRACE("n.res")
                 return result

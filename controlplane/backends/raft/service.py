@@ -398,7 +398,23 @@ class _Connection:
                 )
             )
             return
-        self._handlers.add(self._spawn(self._handle(message), "request"))
+        started = self._start(message) if isinstance(message, Execute) else None
+        self._handlers.add(self._spawn(self._handle(message, started), "request"))
+
+    def _start(self, message: Execute) -> asyncio.Future[Any] | None:
+        """On the leader, propose a valid command at once (in this iteration of the loop, not
+        in the next one, where the request's task starts); None if the task should do it all."""
+        node = self._backend.node
+        if not node.is_leader:
+            return None
+        try:
+            command = decode_command(message.command)
+            if not isinstance(command, ClientCommand):
+                return None
+            validate(command)
+        except Exception:  # the task finds it again, and answers with the error
+            return None
+        return node.start_proposal(message.command)
 
     def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=f"client-{what}-{self._peer}")
@@ -465,10 +481,10 @@ class _Connection:
 
     # --- requests -------------------------------------------------------------------------
 
-    async def _handle(self, message: Request) -> None:
+    async def _handle(self, message: Request, started: asyncio.Future[Any] | None) -> None:
         try:
             try:
-                reply = await self._answer(message)
+                reply = await self._answer(message, started)
             except ControlPlaneError as exc:
                 reply = error_reply(message.request, exc)
             except Exception as exc:
@@ -492,10 +508,19 @@ class _Connection:
         except _ConnectionGone:
             pass
 
-    async def _answer(self, message: Request) -> Reply | None:
+    async def _answer(self, message: Request, started: asyncio.Future[Any] | None) -> Reply | None:
         backend = self._backend
         node = backend.node
         match message:
+            case Execute(request=rid, command=data) if started is not None:
+                # Validated and proposed by _start.
+                if framing.TRACE is not None:
+                    framing.TRACE("s.call")
+                outcome = await node.propose(data, started=started)
+                if framing.TRACE is not None:
+                    framing.TRACE("s.ret")
+                result = outcome.unwrap()
+                return ExecuteReply(request=rid, version=result.version, value=result.value)
             case Execute(request=rid, command=data):
                 command = decode_command(data)
                 if not isinstance(command, ClientCommand):
