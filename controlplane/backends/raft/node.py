@@ -932,7 +932,6 @@ class RaftNode:
         last = rd.entries[-1].index if rd.entries else 0
         if trace is not None and last:
             trace("n.rd", last)
-        save: asyncio.Future[Any] | None = None
         persist = bool(rd.entries or rd.must_sync)
         applied = False
         if not persist and rd.snapshot is None and rd.committed_entries:
@@ -941,20 +940,14 @@ class RaftNode:
             # are sent.
             await self._apply_committed(rd)
             applied = True
-        if persist and rd.early_messages:
-            # A Ready with early messages installs no snapshot (see core.py): hand the write
-            # to the storage thread first, so that it starts while the Appends go out.
-            save = self._save(rd, trace is not None and last > 0)
         for msg in rd.early_messages:
             self._send(msg.dst, msg)
         if trace is not None and last and rd.early_messages:
             trace("n.early", last)
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
-        if persist and save is None:
-            save = self._save(rd, trace is not None and last > 0)
-        if save is not None:
-            took = await save
+        if persist:
+            took = await self._save(rd, trace is not None and last > 0)
             if trace is not None and last:
                 took, t0, t1 = took
                 trace("n.p1", last)
