@@ -1,6 +1,6 @@
 """K8sControlPlane beyond the conformance suite, on the real API server: two replicas of one
 control plane agree on versions and events, only the leader does the duties and a standby
-takes them over, hand-made resources are skipped (or adopted) without a crash, the
+takes them over, hand-made resources are skipped, adopted or marked invalid without a crash, the
 backend runs with the least-privilege service account of deploy/rbac.yaml, and an API server
 restart mid-watch loses and doubles no event."""
 
@@ -118,6 +118,7 @@ async def test_hand_made_resources_are_skipped_or_adopted(
 ) -> None:
     base = f"/apis/{crds.GROUP}/{crds.VERSION}/namespaces/{namespace}"
     async with replica(harness, namespace, "a") as cp, asyncio.timeout(60):
+        cp.ADOPT_AFTER = 3600.0  # the leader would adopt it in 2 s: see the next test
         # an Index without the control plane's status: in flight, not part of the state
         status, answer = await kube_env.request(
             "POST",
@@ -230,3 +231,49 @@ async def test_apiserver_restart_loses_and_doubles_no_event(
             assert dict(
                 (await cp.get_cluster_state(consistent=True)).feature_flags
             ) == dict.fromkeys(names, True)
+
+
+async def test_the_leader_adopts_an_index_made_by_hand_or_marks_it_invalid(
+    harness: K8sHarness, namespace: str, kube_env: KubeEnv
+) -> None:
+    base = f"/apis/{crds.GROUP}/{crds.VERSION}/namespaces/{namespace}/indices"
+
+    def index(name: str, settings: dict[str, object]) -> dict[str, object]:
+        return {
+            "apiVersion": crds.API_VERSION,
+            "kind": "Index",
+            "metadata": {"name": name},
+            "spec": {"settings": settings},
+        }
+
+    async with replica(harness, namespace, "a") as cp, asyncio.timeout(60):
+        await cp.elector.wait_leading()
+        await cp.register_node(Node(id="n1"))
+        v0 = (await cp.get_cluster_state(consistent=True)).version
+        async with cp.watch(since=v0, kinds={EventKind.INDEX_CREATED}) as stream:
+            status, answer = await kube_env.request(
+                "POST",
+                base,
+                body=index("applied", {"number_of_shards": 1, "number_of_replicas": 0}),
+            )
+            assert status == 201, answer
+            event = await next_event(stream, 30, "the adopted index")
+        assert event.key == "applied" and event.index is not None
+        assert event.index.routing[0].primary.node_id == "n1"
+        # an extra setting that is not a scalar: free-form for the schema, refused by the
+        # control plane's own validation
+        status, answer = await kube_env.request(
+            "POST",
+            base,
+            body=index("not-scalar", {"number_of_shards": 1, "extra": {"nested": {"a": 1}}}),
+        )
+        assert status == 201, answer  # the schema lets it through: the leader refuses it
+        while True:
+            status, current = await kube_env.request("GET", f"{base}/not-scalar")
+            if (current.get("status") or {}).get("state") == "invalid":
+                break
+            await asyncio.sleep(0.2)
+        (condition,) = current["status"]["conditions"]
+        assert (condition["type"], condition["status"]) == ("Valid", "False")
+        assert "not-scalar" not in (await cp.get_cluster_state(consistent=True)).indices
+        assert await cp.is_healthy()

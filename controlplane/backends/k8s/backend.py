@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
@@ -43,6 +44,7 @@ from ...errors import (
     ClosedError,
     ConflictError,
     ControlPlaneError,
+    InvalidRequestError,
     NotFoundError,
     OperationTimeoutError,
     UnavailableError,
@@ -63,7 +65,7 @@ from ...types import (
     NodeStatus,
     ShardRouting,
 )
-from ...validation import check_name
+from ...validation import check_name, coerce_settings
 from ...watch import EventStream, WatchHub
 from ..base import CommandBackend
 from .crds import (
@@ -224,6 +226,8 @@ class K8sControlPlane(CommandBackend):
         self._pump_task: asyncio.Task[None] | None = None
         self._write_lock = asyncio.Lock()
         self._liveness = Liveness(self._clock())
+        self._in_flight: dict[str, tuple[str, float]] = {}
+        """Index name -> (resourceVersion, monotonic time first seen in flight)."""
         self._started = False
         self._stopped = False
 
@@ -1035,6 +1039,9 @@ class K8sControlPlane(CommandBackend):
                 c.UpdateNodeStatus(node_id=node_id, status=NodeStatus.ACTIVE, time=self._stamp())
             )
 
+    ADOPT_AFTER = 2.0
+    """Seconds an Index made by hand stays in flight before the leader adopts it."""
+
     def _started_leading(self, term: Term) -> None:
         _log.info("leading (term %d): node-down detection and lock reaping", term.term)
         self._liveness.reset(self._clock())
@@ -1051,6 +1058,61 @@ class K8sControlPlane(CommandBackend):
             await self._run(c.MarkNodesDown(node_ids=tuple(down), time=now))
         if any(lock.expires_at <= now for lock in self._state.locks.values()):
             await self._run(c.ExpireLocks(time=now))
+        await self._adopt_indices()
+
+    async def _adopt_indices(self) -> None:
+        """Route Index resources made by hand (``kubectl apply``): an Index whose status does
+        not describe its generation, unchanged for :attr:`ADOPT_AFTER` seconds (so that a
+        replica's own create, between its two writes, is not taken over), is created or
+        updated through the state machine; one it refuses gets ``state: invalid`` and a
+        ``Valid=False`` condition saying why."""
+        now = time.monotonic()
+        seen = self._in_flight
+        for name, raw in list(self._objs[INDEX].items()):
+            if _visible(raw) or _meta(raw).get("deletionTimestamp"):
+                seen.pop(name, None)
+                continue
+            first = seen.setdefault(name, (_rv(raw), now))
+            if first[0] != _rv(raw):
+                seen[name] = (_rv(raw), now)
+                continue
+            if now - first[1] < self.ADOPT_AFTER:
+                continue
+            seen.pop(name, None)
+            try:
+                spec = msgspec.convert(dict(_spec(raw)), IndexSpec, strict=False)
+                settings = coerce_settings(spec.settings)  # type: ignore[attr-defined]
+                command: c.Command
+                if name in self._state.indices:
+                    command = c.UpdateIndexSettings(
+                        name=name, settings=settings, time=self._stamp()
+                    )
+                else:
+                    command = c.CreateIndex(
+                        name=name,
+                        settings=settings,
+                        mappings=dict(spec.mappings),  # type: ignore[attr-defined]
+                        time=self._stamp(),
+                    )
+                await self._run(command)
+                _log.info("adopted the Index %s made by hand", name)
+            except (InvalidRequestError, msgspec.ValidationError, ValueError, TypeError) as exc:
+                _log.warning("the Index %s made by hand is invalid: %s", name, exc)
+                with contextlib.suppress(ControlPlaneError):
+                    await self._mark_invalid(raw, str(exc))
+
+    async def _mark_invalid(self, raw: Object, message: str) -> None:
+        generation = _generation(raw)
+        condition = {
+            "type": "Valid",
+            "status": "False",
+            "observedGeneration": generation,
+            "lastTransitionTime": _utcnow().strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "reason": "Invalid",
+            "message": message[:32000],
+        }
+        status = {"observedGeneration": generation, "state": "invalid", "conditions": [condition]}
+        await self._patch_status(INDEX, raw, status)
 
     async def _maintenance_loop(self, term: Term) -> None:
         while True:
