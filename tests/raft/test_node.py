@@ -129,6 +129,9 @@ async def test_snapshot_is_taken_and_read_back_at_start_up(
             await wait_until(lambda: bool(list((tmp_path / "d" / "snap").glob("*.snap"))))
             taken = [r for r in caplog.records if "snapshot at" in r.getMessage()]
             assert taken, "no snapshot was logged"
+            # A few entries after the last snapshot (fewer than snapshot_entries: no new one),
+            # so that start-up has something to replay on top of it.
+            await write_some(cp, 3)
             before = await cp.get_cluster_state(consistent=True)
 
         restored: list[int] = []
