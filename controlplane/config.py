@@ -407,14 +407,17 @@ def resolve_mode(
     """The mode to run: ``config.mode``, with ``auto`` resolved.
 
     ``auto`` is ``k8s`` inside a Kubernetes pod -- ``KUBERNETES_SERVICE_HOST`` is set and a
-    service-account token is mounted (at ``fs_root`` / :data:`SERVICE_ACCOUNT_TOKEN`) -- and
-    ``raft`` otherwise.
+    service-account token is mounted (at ``fs_root`` / :data:`SERVICE_ACCOUNT_TOKEN`) -- or
+    outside one when ``k8s.kubeconfig`` names a kubeconfig; ``raft`` otherwise (a kubeconfig
+    merely present in ``~/.kube`` does not turn the embedded default into a k8s client).
     """
     if config.mode != "auto":
         return config.mode
     environ = os.environ if env is None else env
     in_pod = bool(environ.get("KUBERNETES_SERVICE_HOST"))
     if in_pod and (Path(fs_root) / SERVICE_ACCOUNT_TOKEN).is_file():
+        return "k8s"
+    if config.k8s.kubeconfig is not None:
         return "k8s"
     return "raft"
 

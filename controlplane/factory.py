@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, load_config, override_config, resolve_mode
-from .errors import NotAvailableYetError
 
 if TYPE_CHECKING:
     from .protocol import ControlPlane
 
 __all__ = ["open_control_plane"]
 
-_WHY_AUTO = {
-    "k8s": "this process runs inside a Kubernetes pod",
-    "raft": "this process does not run inside a Kubernetes pod",
-}
+_log = logging.getLogger("controlplane.factory")
+_WHY_AUTO_K8S = "this process runs inside a Kubernetes pod, or k8s.kubeconfig is set"
 
 
 async def open_control_plane(
@@ -33,8 +31,9 @@ async def open_control_plane(
     Stop the result with ``await cp.stop()``, or use it as ``async with``. ``clock`` replaces
     the wall clock the backend stamps its commands with (tests; default ``time.time``).
 
-    Raises :class:`~controlplane.errors.InvalidConfigError` for a bad configuration and
-    :class:`~controlplane.errors.NotAvailableYetError` for a mode this version lacks.
+    Raises :class:`~controlplane.errors.InvalidConfigError` for a bad configuration, and what
+    the backend's start raises (e.g. :class:`~controlplane.errors.UnavailableError` when the
+    Kubernetes API server cannot be reached).
     """
     if config is None:
         config = load_config(overrides=overrides)
@@ -51,13 +50,11 @@ async def open_control_plane(
 
         cp = RaftControlPlane(config, clock=clock)
     else:
-        chosen = f"mode {mode!r}"
+        from .backends.k8s.backend import K8sControlPlane  # noqa: PLC0415
+
         if config.mode == "auto":
-            chosen = f"mode 'auto' chose {mode!r} ({_WHY_AUTO[mode]}), and {mode!r}"
-        raise NotAvailableYetError(
-            f"{chosen} is not available in this version of controlplane; use mode: raft "
-            "(a single member needs only a data directory) or mode: memory for tests"
-        )
+            _log.info("mode 'auto' chose 'k8s': %s", _WHY_AUTO_K8S)
+        cp = K8sControlPlane(config, clock=clock)
     try:
         await cp.start()
     except BaseException:

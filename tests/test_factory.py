@@ -8,8 +8,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from controlplane.config import Config
-from controlplane.errors import ClosedError, InvalidConfigError, NotAvailableYetError
+from controlplane.config import Config, K8sConfig, resolve_mode
+from controlplane.errors import ClosedError, InvalidConfigError
 from controlplane.factory import open_control_plane
 from controlplane.protocol import ControlPlane
 from controlplane.types import EventKind
@@ -83,12 +83,16 @@ async def test_raft_opens_a_single_member(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_k8s_not_available_yet() -> None:
-    with pytest.raises(NotAvailableYetError) as info:
+async def test_k8s_without_credentials_is_a_clear_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    with pytest.raises(InvalidConfigError) as info:
         await open_control_plane(mode="k8s")
     message = str(info.value)
-    assert message.startswith("mode 'k8s' is not available in this version")
-    assert "use mode: raft" in message
+    assert message.startswith("k8s.kubeconfig: cannot load the kubeconfig")
+    assert "Set k8s.kubeconfig" in message
 
 
 @pytest.mark.anyio
@@ -108,11 +112,12 @@ async def test_auto_outside_a_pod_is_raft(tmp_path: Path) -> None:
             await cp.stop()
 
 
-@pytest.mark.anyio
-async def test_auto_inside_a_pod_says_what_it_chose(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("controlplane.factory.resolve_mode", lambda config: "k8s")
-    with pytest.raises(NotAvailableYetError, match="mode 'auto' chose 'k8s'"):
-        await open_control_plane(Config())
+def test_auto_chooses_k8s_with_a_kubeconfig_outside_a_pod(tmp_path: Path) -> None:
+    """(Inside a pod: tests/test_config.py.) A kubeconfig that is configured, not one merely
+    present in ~/.kube, makes auto choose k8s."""
+    assert resolve_mode(Config(mode="auto"), env={}, fs_root=tmp_path) == "raft"
+    configured = Config(mode="auto", k8s=K8sConfig(kubeconfig=str(tmp_path / "kubeconfig")))
+    assert resolve_mode(configured, env={}, fs_root=tmp_path) == "k8s"
 
 
 @pytest.mark.anyio

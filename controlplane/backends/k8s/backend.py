@@ -44,6 +44,7 @@ from ...errors import (
     ClosedError,
     ConflictError,
     ControlPlaneError,
+    InvalidConfigError,
     InvalidRequestError,
     NotFoundError,
     OperationTimeoutError,
@@ -1179,12 +1180,24 @@ async def _load_configuration(settings: K8sConfig) -> Any:
     from kubernetes_asyncio import config as kube_config  # noqa: PLC0415
 
     configuration = k8s_client.Configuration()
-    if settings.kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
-        kube_config.load_incluster_config(client_configuration=configuration)
-    else:
-        await kube_config.load_kube_config(
-            config_file=settings.kubeconfig,
-            context=settings.context,
-            client_configuration=configuration,
+    in_cluster = settings.kubeconfig is None and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    try:
+        if in_cluster:
+            kube_config.load_incluster_config(client_configuration=configuration)
+        else:
+            await kube_config.load_kube_config(
+                config_file=settings.kubeconfig,
+                context=settings.context,
+                client_configuration=configuration,
+            )
+    except (kube_config.ConfigException, OSError) as exc:
+        where = (
+            "the pod's in-cluster credentials"
+            if in_cluster
+            else f"the kubeconfig {settings.kubeconfig or '$KUBECONFIG or ~/.kube/config'}"
         )
+        raise InvalidConfigError(
+            f"k8s.kubeconfig: cannot load {where}: {exc}. Set k8s.kubeconfig (and k8s.context) "
+            "to a kubeconfig of the cluster, or run inside a pod with a service account"
+        ) from None
     return configuration
