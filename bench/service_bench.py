@@ -54,6 +54,7 @@ import atexit
 import base64
 import contextlib
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -1229,7 +1230,8 @@ def run(argv: list[str] | None = None) -> list[list[str]]:
             f"{args.concurrency} HTTP connections), {args.failovers} failovers, attempt every "
             f"{args.poll} s" + (", OUR MEMBERS WITHOUT FSYNC (diagnostic)" if args.no_fsync else "")
         )
-        loop_name += " (load generator; serve members: asyncio)"
+        members_loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+        loop_name += f" (load generator; serve members: {members_loop})"
         info = preamble(base, loop_name, settings, idle)
         meter = CpuMeter()
         ours = arun(run_ours(args, base))
