@@ -933,13 +933,14 @@ class RaftNode:
         if trace is not None and last:
             trace("n.rd", last)
         persist = bool(rd.entries or rd.must_sync)
-        applied = False
-        if not persist and rd.snapshot is None and rd.committed_entries:
+        # Committed entries are durable here already (the core's contract): they are applied
+        # before this Ready's own write completes, never after it.
+        apply_early = rd.snapshot is None and bool(rd.committed_entries)
+        if apply_early and not persist:
             # Nothing to make durable (the leader learnt of a commit): apply first, and let
             # the proposers this answered reply before the messages (the commit's broadcast)
             # are sent.
             await self._apply_committed(rd)
-            applied = True
         for msg in rd.early_messages:
             self._send(msg.dst, msg)
         if trace is not None and last and rd.early_messages:
@@ -947,7 +948,10 @@ class RaftNode:
         if rd.snapshot is not None:
             await self._install_snapshot(rd.snapshot)
         if persist:
-            took = await self._save(rd, trace is not None and last > 0)
+            saving = self._save(rd, trace is not None and last > 0)
+            if apply_early:  # while the storage thread writes (and fsyncs) the new entries
+                await self._apply_committed(rd)
+            took = await saving
             if trace is not None and last:
                 took, t0, t1 = took
                 trace("n.p1", last)
@@ -963,7 +967,7 @@ class RaftNode:
             trace("n.sent", last)
         if core.role is Role.LEADER:
             self._introduce(core, [*rd.early_messages, *rd.messages])
-        if rd.committed_entries and not applied:
+        if rd.committed_entries and not apply_early:
             await self._apply_committed(rd)
         for read in rd.read_states:
             future = self._read_waiters.pop(read.ctx, None)
