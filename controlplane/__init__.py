@@ -16,7 +16,6 @@ from .errors import LaggedError as LaggedError
 from .errors import LockHeldError as LockHeldError
 from .errors import LockLostError as LockLostError
 from .errors import LockNotHeldError as LockNotHeldError
-from .errors import NotAvailableYetError as NotAvailableYetError
 from .errors import NotFoundError as NotFoundError
 from .errors import NotLeaderError as NotLeaderError
 from .errors import OperationTimeoutError as OperationTimeoutError
@@ -79,7 +78,6 @@ __all__ = (
     "NodeResources",
     "NodeRole",
     "NodeStatus",
-    "NotAvailableYetError",
     "NotFoundError",
     "NotLeaderError",
     "OperationTimeoutError",

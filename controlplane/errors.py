@@ -23,7 +23,6 @@ __all__ = [
     "LockHeldError",
     "LockLostError",
     "LockNotHeldError",
-    "NotAvailableYetError",
     "NotFoundError",
     "NotLeaderError",
     "OperationTimeoutError",
@@ -59,12 +58,6 @@ class InvalidConfigError(InvalidRequestError):
     """Raised at start-up when the configuration is invalid; the message names the field."""
 
     code = "invalid_config"
-
-
-class NotAvailableYetError(ControlPlaneError):
-    """Raised when a requested backend or feature is not available in this version."""
-
-    code = "not_available_yet"
 
 
 class PermissionDeniedError(ControlPlaneError):
