@@ -181,6 +181,38 @@ async def test_list_then_watch_delivers_every_change_once_in_order(
             await subscription.__anext__()
 
 
+async def test_a_list_delivers_its_changes_before_the_version_moves_past_them(
+    kube_env: KubeEnv, namespace: str, installed: None
+) -> None:
+    """While the changes of a list are delivered, ``resource_version`` stays below every change
+    still to come (a consumer merging several informers by version, as the backend does, must
+    not believe the informer is past a change it has not delivered yet); once they are all
+    delivered it is the list's, and the progress handlers hear of it."""
+    async with kube_env.api_client() as api:
+        nodes = Nodes(api, namespace)
+        written = [await nodes.create(f"n{i}") for i in range(6)]
+        informer = node_informer(api, namespace, page_size=4)
+        delivered: list[tuple[int, int]] = []  # (the change's version, the informer's then)
+        progress: list[int] = []
+        informer.add_handler(
+            lambda change: delivered.append((change.resource_version, informer.resource_version))
+        )
+        informer.add_progress_handler(lambda: progress.append(informer.resource_version))
+        async with informer, asyncio.timeout(60):
+            await informer.wait_synced(within=30)
+            assert sorted(v for v, _ in delivered) == written
+            for i, (_, then) in enumerate(delivered):
+                still_to_come = [v for v, _ in delivered[i:]]
+                assert then < min(still_to_come), (i, delivered)
+            assert informer.resource_version >= written[-1]
+            assert progress and progress[-1] == informer.resource_version
+            # a watched change is delivered with the version at (or past) it, then progress
+            version = await nodes.patch("n0", "moved")
+            await until(lambda: informer.resource_version >= version, what="the patch")
+            assert delivered[-1] == (version, version)
+            assert progress[-1] == version
+
+
 async def test_leases_are_watched_with_the_same_informer(kube_env: KubeEnv, namespace: str) -> None:
     async with kube_env.api_client() as api:
         coordination = k8s.CoordinationV1Api(api)

@@ -321,6 +321,7 @@ class Informer:
         self._cache: dict[ObjectKey, Object] = {}
         self._resource_version = 0
         self._handlers: list[Callable[[Change], object]] = []
+        self._progress_handlers: list[Callable[[], object]] = []
         self._subscriptions: set[Subscription] = set()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -337,7 +338,9 @@ class Informer:
 
     @property
     def resource_version(self) -> int:
-        """The last resourceVersion seen (of a list, an event or a bookmark)."""
+        """The last resourceVersion seen (of a list, an event or a bookmark), once every change
+        up to it was delivered: while the changes of a (re-)list are being delivered it stays
+        at the previous value, so it is never past a change still to be delivered."""
         return self._resource_version
 
     @property
@@ -374,6 +377,15 @@ class Informer:
         (an exception in it is logged and ignored). Returns a function that removes it."""
         self._handlers.append(handler)
         return lambda: self._handlers.remove(handler) if handler in self._handlers else None
+
+    def add_progress_handler(self, handler: Callable[[], object]) -> Callable[[], None]:
+        """Call ``handler()`` after :attr:`resource_version` advanced (a list delivered, an
+        event, a bookmark); an exception in it is logged and ignored. Returns a function that
+        removes it."""
+        self._progress_handlers.append(handler)
+        return lambda: (
+            self._progress_handlers.remove(handler) if handler in self._progress_handlers else None
+        )
 
     def subscribe(self, *, replay: bool = False) -> Subscription:
         """A new :class:`Subscription`; with ``replay`` it starts with an ``ADDED`` change for
@@ -520,9 +532,13 @@ class Informer:
                 )
         changes.sort(key=lambda c: c.resource_version)
         self._cache = dict(items)
-        self._resource_version = list_version
+        # Deliver first, then advance: a consumer that orders several informers' changes by
+        # resourceVersion (the backend's merger) reads resource_version while these are
+        # delivered, and must not take it for a promise that no change below it is to come.
         for change in changes:
             self._emit(change)
+        self._resource_version = max(self._resource_version, list_version)
+        self._progressed()
 
     async def _watch(self) -> bool:
         """One watch from the last resourceVersion until the server ends it; true when it
@@ -592,7 +608,9 @@ class Informer:
             raise UnavailableError(f"watch of {resource}: {exc}") from None
         if kind == "BOOKMARK":
             self.stats.bookmarks += 1
-            self._resource_version = max(self._resource_version, version)
+            if version > self._resource_version:
+                self._resource_version = version
+                self._progressed()
             return
         try:
             key = object_key(obj)
@@ -602,19 +620,26 @@ class Informer:
         if version <= self._resource_version:
             logger.debug("watch of %s: %s %s at %d already seen", resource, kind, key, version)
             return
-        self._resource_version = version
+        self._resource_version = version  # one change, delivered next: nothing below it waits
         before = self._cache.get(key)
         if kind in ("ADDED", "MODIFIED"):
             self._cache[key] = obj
             change_type = ChangeType.ADDED if before is None else ChangeType.MODIFIED
             self._emit(Change(change_type, key, before, obj, version))
         elif kind == "DELETED":
-            if before is None:
-                return  # nothing to delete: never listed nor watched
-            del self._cache[key]
-            self._emit(Change(ChangeType.DELETED, key, before, None, version))
+            if before is not None:  # else nothing to delete: never listed nor watched
+                del self._cache[key]
+                self._emit(Change(ChangeType.DELETED, key, before, None, version))
         else:
             logger.warning("watch of %s: unknown event type %r ignored", resource, kind)
+        self._progressed()
+
+    def _progressed(self) -> None:
+        for handler in list(self._progress_handlers):
+            try:
+                handler()
+            except Exception:
+                logger.exception("informer of %s: progress handler failed", self.source.resource)
 
     def _emit(self, change: Change) -> None:
         for handler in list(self._handlers):
