@@ -35,6 +35,7 @@ from controlplane.config import Config, RaftConfig
 from controlplane.errors import (
     ClosedError,
     InvalidRequestError,
+    LockHeldError,
     NotLeaderError,
     OperationTimeoutError,
     StorageError,
@@ -114,6 +115,42 @@ async def test_writes_survive_a_restart_and_versions_continue(tmp_path: Path) ->
             state = await cp.get_cluster_state()
             assert state.version == before.version + 1
             assert state.feature_flags["after-restart"] is True
+
+
+async def test_proposals_waiting_together_share_an_entry_each_with_its_own_result(
+    tmp_path: Path,
+) -> None:
+    """Proposals queued in one iteration of the loop go into one log entry; each command is
+    still applied on its own, in order, with its own result or error, and survives a restart."""
+    config = single(tmp_path / "d")
+    n = 200
+    with anyio.fail_after(30):
+        async with RaftControlPlane(config) as cp:
+            await cp.wait_ready(10)
+            first_index = cp.node.commit_index
+            calls = [cp.acquire_lock(f"k{i}", f"h{i}", ttl=600) for i in range(n)]
+            calls.insert(100, cp.acquire_lock("k0", "someone-else", ttl=600))  # held: fails
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            refused = outcomes.pop(100)
+            assert isinstance(refused, LockHeldError)
+            tokens = [lock.token for lock in outcomes if not isinstance(lock, BaseException)]
+            assert len(tokens) == n and tokens == sorted(set(tokens))  # applied in order
+            entries = cp.node.commit_index - first_index
+            assert entries * 4 <= n, f"{n + 1} proposals took {entries} entries"
+            before = await cp.get_cluster_state()
+            assert len(before.locks) == n
+
+        async with RaftControlPlane(config) as cp:
+            await cp.wait_ready(10)
+            assert await cp.get_cluster_state(consistent=True) == before
+
+
+async def test_proposal_data_may_not_start_with_the_batch_mark(tmp_path: Path) -> None:
+    with anyio.fail_after(30):
+        async with RaftControlPlane(single(tmp_path / "d")) as cp:
+            await cp.wait_ready(10)
+            with pytest.raises(InvalidRequestError, match="0xC1"):
+                await cp.node.propose(b"\xc1\x90")
 
 
 async def test_snapshot_is_taken_and_read_back_at_start_up(

@@ -71,7 +71,12 @@ class Fsm(Protocol):
     """The replicated state machine a :class:`RaftNode` drives (the application)."""
 
     def apply(self, index: int, data: bytes) -> Any:
-        """Apply one committed entry; return the result for the proposer. Must not raise."""
+        """Apply one proposal's data; return the result for the proposer. Must not raise.
+
+        Proposals the leader had waiting together share one entry (and ``index``); they are
+        applied one by one, in order. Data starting with byte 0xC1 (never used by msgpack)
+        is reserved for such batches.
+        """
 
     def snapshot(self) -> Callable[[], bytes]:
         """Capture the current state now; the returned function serializes it (in a thread)."""
@@ -176,11 +181,39 @@ _DECODER: msgspec.msgpack.Decoder[PeerMessage] = msgspec.msgpack.Decoder(PeerMes
 
 
 class _Waiter:
-    __slots__ = ("future", "term")
+    """The proposers of one entry: one future, or one per command of a batch entry."""
 
-    def __init__(self, term: int, future: asyncio.Future[Any]) -> None:
+    __slots__ = ("futures", "term")
+
+    def __init__(self, term: int, *futures: asyncio.Future[Any]) -> None:
         self.term = term
-        self.future = future
+        self.futures = futures
+
+
+_BATCH_MARK = 0xC1
+"""First byte of a batch entry: a byte msgpack never uses, so no single command starts so."""
+_BATCH_MAX_COMMANDS = 256
+_BATCH_MAX_BYTES = 256 * 1024
+_BATCH_ENCODER = msgspec.msgpack.Encoder()
+_BATCH_DECODER: msgspec.msgpack.Decoder[list[bytes]] = msgspec.msgpack.Decoder(list[bytes])
+
+
+def _encode_batch(commands: list[bytes]) -> bytes:
+    """Several proposals as one log entry: the per-entry work (append, replication, storage,
+    acknowledgement) is paid once for all of them; each is still applied on its own."""
+    return bytes((_BATCH_MARK,)) + _BATCH_ENCODER.encode(commands)
+
+
+def _check_data(data: bytes) -> None:
+    if data[:1] == b"\xc1":
+        raise InvalidRequestError("proposal data must not start with byte 0xC1 (reserved)")
+
+
+def _decode_batch(data: bytes) -> list[bytes] | None:
+    """The commands of a batch entry, or None when ``data`` is one command."""
+    if data[0] != _BATCH_MARK:
+        return None
+    return _BATCH_DECODER.decode(memoryview(data)[1:])
 
 
 class RaftNode:
@@ -440,6 +473,7 @@ class RaftNode:
         member does not lead or does not run: :meth:`propose` alone then does it all."""
         if self._leader != self.id or self._failure is not None or self._stopping:
             return None
+        _check_data(data)
         if framing.TRACE is not None:
             framing.TRACE("n.prop")
         loop = asyncio.get_running_loop()
@@ -464,6 +498,7 @@ class RaftNode:
         """
         if framing.TRACE is not None and started is None:
             framing.TRACE("n.prop")
+        _check_data(data)
         first = started
         started_at = time.monotonic()
         deadline = time.monotonic() + (within or self.options.request_timeout)
@@ -837,14 +872,31 @@ class RaftNode:
             data, future = proposals.popleft()
             if future.done():
                 continue
+            futures = [future]
+            if proposals:  # several waiting: as many as fit go into one entry
+                batch = [data]
+                size = len(data)
+                while proposals and len(batch) < _BATCH_MAX_COMMANDS:
+                    more, more_future = proposals[0]
+                    if size + len(more) > _BATCH_MAX_BYTES:
+                        break
+                    proposals.popleft()
+                    if not more_future.done():
+                        batch.append(more)
+                        futures.append(more_future)
+                        size += len(more)
+                if len(batch) > 1:
+                    data = _encode_batch(batch)
             try:
                 index = core.propose(data)
             except (NotLeader, LeadershipTransferInProgress):  # nothing happened: retry
-                future.set_exception(_Retry())
+                for f in futures:
+                    f.set_exception(_Retry())
             except Busy as exc:
-                future.set_exception(UnavailableError(str(exc)))
+                for f in futures:
+                    f.set_exception(UnavailableError(str(exc)))
             else:
-                self._waiters[index] = _Waiter(core.term, future)
+                self._waiters[index] = _Waiter(core.term, *futures)
                 if framing.TRACE is not None:
                     framing.TRACE("n.idx", index)
         reads = self._reads
@@ -1032,17 +1084,32 @@ class RaftNode:
         size = 0
         for entry in entries:
             result: Any = None
-            if entry.type is EntryType.NORMAL and entry.data:
-                result = fsm.apply(entry.index, entry.data)
-                size += len(entry.data)
+            results: list[Any] | None = None
+            data = entry.data
+            if entry.type is EntryType.NORMAL and data:
+                commands = _decode_batch(data)
+                if commands is None:
+                    result = fsm.apply(entry.index, data)
+                else:
+                    results = [fsm.apply(entry.index, command) for command in commands]
+                size += len(data)
             recent[entry.index] = (entry.term, result)
             waiter = waiters.pop(entry.index, None)
-            if waiter is not None and not waiter.future.done():
-                self._answered = True
-                if waiter.term == entry.term:
-                    waiter.future.set_result(result)
-                else:
-                    waiter.future.set_exception(_Retry())
+            if waiter is None:
+                continue
+            self._answered = True
+            if waiter.term != entry.term:  # another leader's entry took the index
+                for future in waiter.futures:
+                    if not future.done():
+                        future.set_exception(_Retry())
+            elif results is None:
+                future = waiter.futures[0]
+                if not future.done():
+                    future.set_result(result)
+            else:
+                for future, value in zip(waiter.futures, results, strict=True):
+                    if not future.done():
+                        future.set_result(value)
         while len(recent) > 4096:
             recent.popitem(last=False)
         self._applied = entries[-1].index
@@ -1121,9 +1188,9 @@ class RaftNode:
         self.metrics.snapshot_bytes.set(len(data))
         _log.info("member %s: installed snapshot at %d from %s", self.id, meta.index, source)
         for index in [i for i in self._waiters if i <= meta.index]:
-            waiter = self._waiters.pop(index)
-            if not waiter.future.done():  # it may be inside the snapshot, or overwritten
-                waiter.future.set_exception(_unknown_outcome("a snapshot replaced the log"))
+            for future in self._waiters.pop(index).futures:
+                if not future.done():  # it may be inside the snapshot, or overwritten
+                    future.set_exception(_unknown_outcome("a snapshot replaced the log"))
 
     def _start_snapshot_send(self, core: RaftCore, msg: InstallSnapshot) -> None:
         if msg.dst in self._sending_snapshot:
@@ -1210,7 +1277,7 @@ class RaftNode:
             raise ClosedError("the Raft member was stopped")
 
     def _fail_all(self, exc: BaseException) -> None:
-        pending: list[asyncio.Future[Any]] = [w.future for w in self._waiters.values()]
+        pending: list[asyncio.Future[Any]] = [f for w in self._waiters.values() for f in w.futures]
         pending += [f for _, f in self._proposals]
         pending += list(self._forwarded.values()) + list(self._read_waiters.values())
         pending += [f for _, f in self._reads] + [f for _, f in self._applied_waiters]
