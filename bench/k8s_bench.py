@@ -20,9 +20,15 @@ cached; etcd with ``--unsafe-no-fsync``), installs the CRDs and runs, sequential
   released (``PUT``), the Cluster resource's spec replaced with one more flag, a ``GET`` of
   the Cluster resource (what a read costs without a cache), and the time from that ``PUT``
   to its event on a raw watch stream.
-- the watch cache's freshness wait: a consistent list (no ``resourceVersion``) of a kind
-  without recent writes, the same list with ``resourceVersion=0`` (served from the cache
-  without waiting), and a consistent list right after a write of that kind.
+- the watch cache's freshness wait (raw, no backend): a consistent list (no
+  ``resourceVersion``) of a kind without recent writes, the same with ``resourceVersion=0``;
+  then, after every write of a new flag (a new revision of the Cluster kind, never a no-op):
+  a consistent list of that kind; of an idle kind (ClusterNode), back to back, with 150 ms
+  and 50 ms between rounds, with ``limit=1``, with ``resourceVersionMatch=NotOlderThan`` the
+  write; three idle kinds at once; a list with ``resourceVersion=0``; a ``GET`` (read from
+  etcd). kube-apiserver asks etcd for a progress notification at most every 100 ms per
+  resource, and an idle resource's watch cache learns of newer revisions only that way: the
+  rows show which reads wait for it (docs/kubernetes.md, "Benchmark").
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import sys
@@ -225,11 +232,11 @@ async def run_ours(env: KubeEnv, args: argparse.Namespace, res: Results) -> dict
             print(f"ours: {name}: p50/p99 {p5099(res.ours[name])}; {res.requests[name]}")
 
         await measure("create_index", lambda i: cp.create_index(f"idx-{i}", settings))
-        index_obj = cp._informers["index"].cache
-        first = next(iter(index_obj.values()))
+        first = next(o for o in cp._informers["index"] if o["metadata"]["name"] == "idx-0")
         docs["index_spec"] = first["spec"]
         docs["index_status"] = first["status"]
-        cluster_obj = next(iter(cp._informers["cluster"].cache.values()))
+        cluster_obj = cp._informers["cluster"].get("controlplane", namespace)
+        assert cluster_obj is not None
         docs["cluster_spec"] = cluster_obj["spec"]
         state = await cp.get_cluster_state()
         print(
@@ -374,17 +381,52 @@ async def run_raw(env: KubeEnv, args: argparse.Namespace, res: Results, docs: An
             kw = {"resource_version": rv} if rv is not None else {}
             await js(custom.list_namespaced_custom_object, G, V, namespace, "clusternodes", **kw)
 
-        async def write_then_list(i: int, plural: str = "clusters", rv: str | None = None) -> float:
-            await flag(i, "wl")  # a write of the Cluster kind
-            kw = {"resource_version": rv} if rv is not None else {}
-            t0 = time.perf_counter()
-            await js(custom.list_namespaced_custom_object, G, V, namespace, plural, **kw)
-            return time.perf_counter() - t0
+        wl = itertools.count()
 
-        async def after_write(what: str, plural: str, rv: str | None = None) -> None:
-            samples = [await write_then_list(i, plural, rv) for i in range(warmup + n)][warmup:]
+        async def after_write(
+            what: str, read: Callable[[int], Awaitable[object]], pause: float = 0.0
+        ) -> None:
+            """A new flag written (a new revision of the Cluster kind), then ``read(its
+            resourceVersion)`` timed; ``pause`` seconds between rounds. At most 50 rounds."""
+            samples = []
+            for i in range(warmup + min(n, 50)):
+                await flag(next(wl), "wl")  # a new flag every time: never a no-op PUT
+                written = int(current[0]["metadata"]["resourceVersion"])
+                t0 = time.perf_counter()
+                await read(written)
+                if i >= warmup:
+                    samples.append(time.perf_counter() - t0)
+                if pause:
+                    await asyncio.sleep(pause)
             print(f"raw: {what}: p50/p99 {p5099(samples)}", flush=True)
             res.lists[what] = samples
+
+        def lister(plural: str, **kw: Any) -> Callable[[int], Awaitable[object]]:
+            async def read(written: int) -> None:
+                await js(custom.list_namespaced_custom_object, G, V, namespace, plural, **kw)
+
+            return read
+
+        async def not_older_than(written: int) -> None:
+            await js(
+                custom.list_namespaced_custom_object,
+                G,
+                V,
+                namespace,
+                "clusternodes",
+                resource_version=str(written),
+                resource_version_match="NotOlderThan",
+            )
+
+        async def get_node(written: int) -> None:
+            await js(custom.get_namespaced_custom_object, G, V, namespace, "clusternodes", "n0")
+
+        async def three_idle(written: int) -> None:
+            await asyncio.gather(
+                lister("clusternodes")(written),
+                lister("indices")(written),
+                js(coord.list_namespaced_lease, namespace),
+            )
 
         async def measure(name: str, call: Callable[[int], Awaitable[object]]) -> list[float]:
             samples = await timed_sequence(call, n, warmup)
@@ -405,13 +447,23 @@ async def run_raw(env: KubeEnv, args: argparse.Namespace, res: Results, docs: An
         res.lists["list rv=0, same kind"] = await measure(
             "list rv=0 of the same kind", lambda i: list_idle(i, "0")
         )
-        await after_write("consistent list right after a write of its kind", "clusters")
-        await after_write(
-            "consistent list of an idle kind right after a write of another", "clusternodes"
-        )
-        await after_write(
-            "list rv=0 of an idle kind right after a write of another", "clusternodes", "0"
-        )
+        node = {
+            "apiVersion": f"{G}/{V}",
+            "kind": "ClusterNode",
+            "metadata": {"name": "n0", "labels": labels},
+            "spec": {"address": "10.0.0.1:9300"},
+        }
+        await js(custom.create_namespaced_custom_object, G, V, namespace, "clusternodes", node)
+        idle = "an idle kind (ClusterNode) right after a write of another (Cluster)"
+        await after_write("consistent list right after a write of its kind", lister("clusters"))
+        await after_write(f"consistent list of {idle}", lister("clusternodes"))
+        await after_write("the same, 150 ms between rounds", lister("clusternodes"), pause=0.15)
+        await after_write("the same, 50 ms between rounds", lister("clusternodes"), pause=0.05)
+        await after_write("the same with limit=1", lister("clusternodes", limit=1))
+        await after_write("the same, resourceVersionMatch=NotOlderThan the write", not_older_than)
+        await after_write("three idle kinds listed at once", three_idle)
+        await after_write(f"list rv=0 of {idle}", lister("clusternodes", resource_version="0"))
+        await after_write(f"GET (no resourceVersion: from etcd) of {idle}", get_node)
 
 
 async def raw_watch(

@@ -7,10 +7,13 @@ restart mid-watch loses and doubles no event."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from kubernetes_asyncio import client as k8s
 
 from controlplane.backends.k8s import crds
 from controlplane.backends.k8s.backend import K8sControlPlane
@@ -90,6 +93,154 @@ async def test_two_replicas_agree_on_state_versions_and_events(
             EventKind.RING_UPDATED,
         ):
             assert kind in kinds, brief(events_a)
+
+
+async def until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Wait (bounded) until ``predicate()`` holds."""
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {within} s: {what}")
+        await asyncio.sleep(0.01)
+
+
+LATE = "arrived after the state moved"
+
+
+async def test_concurrent_writers_of_every_kind_every_replica_sees_each_change_once(
+    harness: K8sHarness, namespace: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two replicas write nodes, indices, locks and flags (four kinds, four informers) at the
+    same time while both watch; a third replica starts in the middle, listing objects of every
+    kind. Every watcher sees every change exactly once, in one order, the same on every
+    replica, and no replica applies a change after its state moved past it (the warning that
+    says a watcher missed events)."""
+    caplog.set_level(logging.WARNING, logger="controlplane.k8s")
+    rounds = 6
+    async with (
+        replica(harness, namespace, "a") as a,
+        replica(harness, namespace, "b") as b,
+        asyncio.timeout(120),
+    ):
+        v0 = (await a.get_cluster_state(consistent=True)).version
+        async with a.watch(since=v0) as on_a, b.watch(since=v0) as on_b:
+            third_watching = asyncio.Event()
+
+            async def write(cp: K8sControlPlane, tag: str) -> None:
+                for i in range(rounds):
+                    if i == rounds // 2:  # the rest once the third replica watches
+                        await third_watching.wait()
+                    await cp.register_node(Node(id=f"{tag}-n{i}"))
+                    await cp.create_index(f"{tag}-i{i}", index_settings(1, 0))
+                    await cp.acquire_lock(f"{tag}/l{i}", tag, 60)
+                    await cp.set_feature_flag(f"{tag}-f{i}", True)
+
+            late: list[ClusterEvent] = []
+            late_start: list[int] = []
+
+            async def third() -> None:
+                def written() -> bool:
+                    state = a._local_state()
+                    return len(state.indices) >= 2 and len(state.locks) >= 2
+
+                await until(written, 60, "the first writes of both")
+                async with replica(harness, namespace, "c") as c:
+                    late_start.append(c._local_state().version)
+                    async with c.watch() as on_c:
+                        third_watching.set()
+                        await until(
+                            lambda: len(a._local_state().feature_flags) >= 2 * rounds,
+                            60,
+                            "all writes (a flag ends each round)",
+                        )
+                        marker = await write_marker(a)
+                        late.extend(await collect_until_marker(on_c, marker, 30))
+
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(write(a, "a"))
+                tg.create_task(write(b, "b"))
+                tg.create_task(third())
+            marker = await write_marker(a)
+            events_a = await collect_until_marker(on_a, marker, 30)
+            events_b = await collect_until_marker(on_b, marker, 30)
+        assert brief(events_a) == brief(events_b)
+        versions = [e.version for e in events_a]
+        assert versions == sorted(versions)
+        for kind, keys in (
+            (EventKind.NODE_JOINED, [f"{t}-n{i}" for t in "ab" for i in range(rounds)]),
+            (EventKind.INDEX_CREATED, [f"{t}-i{i}" for t in "ab" for i in range(rounds)]),
+            (EventKind.LOCK_ACQUIRED, [f"{t}/l{i}" for t in "ab" for i in range(rounds)]),
+            (EventKind.FLAG_CHANGED, [f"{t}-f{i}" for t in "ab" for i in range(rounds)]),
+        ):
+            seen = sorted(e.key for e in events_a if e.kind is kind and "marker" not in e.key)
+            assert seen == sorted(keys), (kind, brief(events_a))
+        # the third replica's watch is exactly the suffix after the version it started at
+        start = late_start[0]
+        marker_at = next(i for i, e in enumerate(events_a) if "marker" in e.key)
+        expected = [e for e in events_a[:marker_at] if e.version > start]
+        assert brief(late) == brief(expected)
+        assert expected, "the third replica started before the last writes"
+    assert not [r.getMessage() for r in caplog.records if LATE in r.getMessage()]
+
+
+async def test_progress_beacons_are_no_state_and_give_way(
+    harness: K8sHarness, namespace: str
+) -> None:
+    """A write marks the kinds it did not write through one beacon object per kind (labelled,
+    never in the state, no events); one deleted by hand is made again; an index or node that
+    wants a beacon's (generated) name gets it."""
+    beacon = "controlplane.dev/progress-beacon=true"
+    async with replica(harness, namespace, "a") as cp, harness.env.api_client() as api:
+        custom = k8s.CustomObjectsApi(api)
+
+        async def beacons(plural: str) -> list[str]:
+            listed = await custom.list_namespaced_custom_object(
+                crds.GROUP, crds.VERSION, namespace, plural, label_selector=beacon
+            )
+            return [item["metadata"]["name"] for item in listed["items"]]
+
+        v0 = (await cp.get_cluster_state(consistent=True)).version
+        await cp.set_feature_flag("beacon-flag", True)  # marks indices, nodes and leases
+        await cp.create_index("beacon-index", index_settings(1, 0))  # marks clusters too
+        leases = await k8s.CoordinationV1Api(api).list_namespaced_lease(
+            namespace, label_selector=beacon
+        )
+        assert len(leases.items) == 1
+        assert leases.items[0].metadata.labels["controlplane.dev/lease-type"] == "progress"
+        names = {plural: await beacons(plural) for plural in ("indices", "clusternodes")}
+        assert all(len(found) == 1 for found in names.values()), names
+        assert len(await beacons("clusters")) == 1
+        state = await cp.get_cluster_state(consistent=True)
+        assert set(state.indices) == {"beacon-index"} and not state.nodes and not state.locks
+        marker = await write_marker(cp)
+        async with cp.watch(since=v0) as stream:
+            events = await collect_until_marker(stream, marker, 20)
+        assert {e.kind for e in events} <= {
+            EventKind.FLAG_CHANGED,
+            EventKind.INDEX_CREATED,
+            EventKind.SHARD_ALLOCATED,
+        }, brief(events)
+
+        # deleted by hand: the next write makes another
+        await custom.delete_namespaced_custom_object(
+            crds.GROUP, crds.VERSION, namespace, "indices", names["indices"][0]
+        )
+        await cp.set_feature_flag("beacon-flag-2", True)
+        again = await beacons("indices")
+        assert len(again) == 1 and again != names["indices"]
+
+        # an index and a node named like a beacon: the beacons give way
+        index = await cp.create_index(again[0], index_settings(1, 0))
+        assert index.name == again[0]
+        node = await cp.register_node(Node(id=names["clusternodes"][0]))
+        assert node.id == names["clusternodes"][0]
+        await cp.set_feature_flag("beacon-flag-3", True)
+        state = await cp.get_cluster_state(consistent=True)
+        assert set(state.indices) == {"beacon-index", again[0]}
+        assert set(state.nodes) == {node.id}
+        for plural in ("indices", "clusternodes"):
+            found = await beacons(plural)
+            assert len(found) == 1 and found[0] not in (again[0], node.id), found
 
 
 async def test_only_the_leader_reaps_and_a_standby_takes_over(

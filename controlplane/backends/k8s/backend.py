@@ -61,6 +61,7 @@ from ...types import (
     EventKind,
     HashRing,
     Index,
+    IndexSettings,
     Lock,
     Node,
     NodeStatus,
@@ -100,6 +101,15 @@ MERGE_PATCH = "application/merge-patch+json"
 LOCK_ANNOTATION = "controlplane.dev/lock"
 """JSON of a lock Lease: exact ``ttl``, ``acquired``/``at`` stamps, ``writer``, ``end``."""
 CREATED_ANNOTATION = "controlplane.dev/created-version"
+BEACON_LABEL = "controlplane.dev/progress-beacon"
+"""Marks the objects the backend writes only to show its informers' progress (never state)."""
+BEACON_ANNOTATION = "controlplane.dev/progress"
+BEACON_PREFIX = "controlplane-progress-"
+MARK_PATIENCE = 1.0
+"""Seconds a writer waits for its progress marks' events before it also probes."""
+PUMP_DELAY = 0.05
+"""Seconds changes wait for a writer's progress marks before the pump probes (writes by hand)."""
+PROBE_AGAIN = 1.0
 
 INDEX, NODE, CLUSTER, LEASE = "index", "node", "cluster", "lease"
 _KINDS = (INDEX, NODE, CLUSTER, LEASE)
@@ -139,6 +149,11 @@ def _status(obj: Object) -> Mapping[str, Any]:
 def _spec(obj: Object) -> Mapping[str, Any]:
     spec = obj.get("spec")
     return spec if isinstance(spec, Mapping) else {}
+
+
+def _is_beacon(obj: Object) -> bool:
+    labels = _meta(obj).get("labels")
+    return isinstance(labels, Mapping) and labels.get(BEACON_LABEL) == "true"
 
 
 def _visible(obj: Object) -> bool:
@@ -221,7 +236,14 @@ class K8sControlPlane(CommandBackend):
         self._seq = itertools.count()
         self._released = 0
         self._probed: dict[str, int] = dict.fromkeys(_KINDS, 0)
-        self._probe_lock = asyncio.Lock()
+        self._probe_locks = {kind: asyncio.Lock() for kind in _KINDS}
+        self._progressed = asyncio.Event()
+        """Set whenever an informer's progress (and so maybe the watermark) advanced."""
+        self._beacons: dict[str, str] = {}
+        """Kind -> name of the progress beacon this replica writes."""
+        self._marks = itertools.count()
+        self._mark_failed: set[str] = set()
+        """Kinds whose beacon could not be written (warned once; then logged at debug)."""
         self._waiting = asyncio.Event()
         """Set when changes wait for the watermark (the pump then probes idle informers)."""
         self._pump_task: asyncio.Task[None] | None = None
@@ -265,10 +287,13 @@ class K8sControlPlane(CommandBackend):
             )
             self._informers[kind] = Informer(source)
         self._informers[LEASE] = Informer(
-            ListWatch.leases(self._api, ns, label_selector=f"{LEASE_TYPE_LABEL} in (lock,node)")
+            ListWatch.leases(
+                self._api, ns, label_selector=f"{LEASE_TYPE_LABEL} in (lock,node,progress)"
+            )
         )
         for kind, informer in self._informers.items():
             informer.add_handler(functools.partial(self._on_change, kind))
+            informer.add_progress_handler(self._on_progress)
             informer.start()
         self._pump_task = asyncio.create_task(self._pump(), name="k8s-merger-pump")
         try:
@@ -367,22 +392,32 @@ class K8sControlPlane(CommandBackend):
         return min(self._progress(kind) for kind in _KINDS)
 
     def _on_change(self, kind: str, change: Change) -> None:
+        if _is_beacon(change.object):
+            return  # only progress (the informer's resource_version): see _on_progress
         heapq.heappush(self._pending, (change.resource_version, next(self._seq), kind, change))
         self._release()
         if self._pending:
             self._waiting.set()
 
+    def _on_progress(self) -> None:
+        self._release()
+        self._progressed.set()
+
     async def _pump(self) -> None:
-        """Release changes that wait for idle informers (a write by another replica or by
-        hand: nobody of this replica waits for it) by probing those informers."""
+        """Release changes that wait for idle informers. A writer's progress marks release
+        its changes on every replica within a few milliseconds; changes nobody marks (written
+        by hand, or by a replica that died before marking) are released by probing those
+        informers after :data:`PUMP_DELAY`."""
         while True:
             await self._waiting.wait()
-            await asyncio.sleep(0.01)  # the other informers may deliver by themselves
             self._waiting.clear()
-            self._release()
             if not self._pending:
                 continue
             target = max(entry[0] for entry in self._pending)
+            await asyncio.sleep(PUMP_DELAY)
+            self._release()
+            if self._watermark >= target:
+                continue
             try:
                 await self._sync_to(target)
             except ControlPlaneError as exc:
@@ -419,22 +454,174 @@ class K8sControlPlane(CommandBackend):
         )
         return int((listed.get("metadata") or {}).get("resourceVersion") or 0)
 
-    async def _sync_to(self, target: int) -> None:
-        """Wait until the materialized state includes every change up to ``target``."""
+    async def _sync_to(self, target: int, *, patience: float = 0.0) -> None:
+        """Wait until the materialized state includes every change up to ``target``.
+
+        The watermark moves with the informers' events (a writer's progress marks among
+        them); informers still behind after ``patience`` seconds are probed (all at once),
+        and again every :data:`PROBE_AGAIN` seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._sync_timeout
+        now = loop.time()
+        deadline = now + self._sync_timeout
+        probe_at = now + patience
         while True:
             self._release()
             if self._watermark >= target:
                 return
-            if loop.time() > deadline:
+            now = loop.time()
+            if now > deadline:
                 raise OperationTimeoutError(
                     f"the caches did not reach resourceVersion {target} within "
                     f"{self._sync_timeout} s (at {self._watermark}); is the API server slow?"
                 )
-            for kind in _KINDS:
-                if self._progress(kind) < target:
-                    await self._probe(kind, target)
+            if now >= probe_at:
+                behind = [kind for kind in _KINDS if self._progress(kind) < target]
+                await asyncio.gather(*(self._probe(kind, target) for kind in behind))
+                probe_at = loop.time() + PROBE_AGAIN
+                continue
+            self._progressed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(probe_at, deadline) - now):
+                    await self._progressed.wait()
+
+    async def _sync_after_write(self, written: Mapping[str, int], deleted: bool) -> None:
+        """Read-your-writes: wait until the state includes this replica's last writes.
+
+        The kinds that were written up to the last write's resourceVersion get there by
+        their own events. Every other informer is idle below it, and the API server cannot
+        say quickly that it has nothing more (see :meth:`_probe`), so this replica *marks*
+        those kinds: one write to its progress beacon of each (concurrently), whose events,
+        later than the last write, carry every informer past it -- on every replica."""
+        if deleted:  # a deletion's revision is not known: mark every kind after it
+            await self._catch_up()
+            return
+        if not written:
+            return
+        last = max(written.values())
+        kinds = [k for k in _KINDS if written.get(k, 0) < last and self._progress(k) < last]
+        marked = await self._mark_kinds(kinds)
+        await self._sync_to(last, patience=MARK_PATIENCE if len(marked) == len(kinds) else 0.0)
+
+    async def _catch_up(self) -> None:
+        """Wait until the state includes every change made before this call (after a 409 or
+        a deletion): mark every kind, and wait for the earliest of the marks."""
+        marked = await self._mark_kinds(_KINDS)
+        if len(marked) == len(_KINDS):
+            await self._sync_to(min(marked.values()), patience=MARK_PATIENCE)
+        else:
+            await self._sync_to(await self._current_revision())
+
+    async def _mark_kinds(self, kinds: Collection[str]) -> dict[str, int]:
+        """Write the progress beacon of each kind (concurrently): kind -> its new
+        resourceVersion, for the kinds whose write succeeded (a failure is logged: the
+        caller probes instead)."""
+        if not kinds:
+            return {}
+        kinds = list(kinds)
+        results = await asyncio.gather(
+            *(self._mark(kind) for kind in kinds), return_exceptions=True
+        )
+        marked: dict[str, int] = {}
+        for kind, result in zip(kinds, results, strict=True):
+            if isinstance(result, ControlPlaneError):
+                log = _log.debug if kind in self._mark_failed else _log.warning
+                self._mark_failed.add(kind)
+                log(
+                    "cannot write the progress beacon of %s (probing instead, which is slower): %s",
+                    _PLURALS.get(kind, "leases"),
+                    result,
+                )
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                self._mark_failed.discard(kind)
+                marked[kind] = result
+        return marked
+
+    async def _mark(self, kind: str) -> int:
+        """Write this kind's progress beacon: a new annotation value (a write that changes
+        nothing would not make an event); create the beacon if there is none. Returns the
+        write's resourceVersion."""
+        stamp = f"{self._identity}/{next(self._marks)}"
+        name = self._beacon_name(kind)
+        if name is not None:
+            patch = {"metadata": {"annotations": {BEACON_ANNOTATION: stamp}}}
+            try:
+                if kind == LEASE:
+                    written = await call_json(
+                        self._coordination.patch_namespaced_lease,
+                        name,
+                        self._namespace,
+                        patch,
+                        _content_type=MERGE_PATCH,
+                        verb="patch",
+                        resource=f"leases/{name} in namespace {self._namespace}",
+                    )
+                else:
+                    written = await call_json(
+                        self._custom.patch_namespaced_custom_object,
+                        *self._custom_args(kind),
+                        name,
+                        patch,
+                        _content_type=MERGE_PATCH,
+                        verb="patch",
+                        resource=self._where(kind, name),
+                    )
+                return int(_rv(written))
+            except NotFoundError:  # deleted by hand: make another
+                self._beacons.pop(kind, None)
+        labels = {**_labels(), BEACON_LABEL: "true"}
+        if kind == LEASE:
+            labels[LEASE_TYPE_LABEL] = "progress"
+        metadata = {
+            "generateName": BEACON_PREFIX,
+            "labels": labels,
+            "annotations": {BEACON_ANNOTATION: stamp},
+        }
+        if kind == LEASE:
+            body: dict[str, Any] = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": metadata,
+                "spec": {},
+            }
+            written = await call_json(
+                self._coordination.create_namespaced_lease,
+                self._namespace,
+                body,
+                verb="create",
+                resource=f"leases in namespace {self._namespace}",
+            )
+        else:
+            body = {
+                "apiVersion": API_VERSION,
+                "kind": _KIND_NAMES[kind],
+                "metadata": metadata,
+                "spec": _beacon_spec(kind),
+            }
+            written = await call_json(
+                self._custom.create_namespaced_custom_object,
+                *self._custom_args(kind),
+                body,
+                verb="create",
+                resource=f"{_PLURALS[kind]} in namespace {self._namespace}",
+            )
+        self._beacons[kind] = str(_meta(written).get("name"))
+        return int(_rv(written))
+
+    def _beacon_name(self, kind: str) -> str | None:
+        """The beacon this replica writes: the one it made, else the first (by name) in the
+        cache, so that replicas share one after the first has made it."""
+        name = self._beacons.get(kind)
+        if name is not None:
+            return name
+        found = sorted(
+            str(_meta(obj).get("name")) for obj in self._informers[kind] if _is_beacon(obj)
+        )
+        if found:
+            self._beacons[kind] = found[0]
+            return found[0]
+        return None
 
     async def _probe(self, kind: str, target: int) -> None:
         """Establish that an informer has every change of its kind up to ``target``.
@@ -442,8 +629,14 @@ class K8sControlPlane(CommandBackend):
         An informer that saw no event since ``target`` has no watermark of its own (bookmarks
         come about once a minute): list its kind consistently and compare with its cache. The
         same keys at the same resourceVersions mean it has all changes up to the list's.
+
+        Slow when repeated: the API server serves the list from its watch cache once the
+        cache has caught up with etcd's current revision, and an idle resource's cache learns
+        that only from a progress notification, which kube-apiserver requests at most every
+        100 ms per resource (``ConditionalProgressRequester``); so a probe within 100 ms of
+        the previous one of that resource waits for the rest of those 100 ms.
         """
-        async with self._probe_lock:
+        async with self._probe_locks[kind]:
             if self._progress(kind) >= target:
                 return
             informer = self._informers[kind]
@@ -462,7 +655,7 @@ class K8sControlPlane(CommandBackend):
                 cached = {key: _rv(obj) for key, obj in informer.cache.items()}
                 if cached == items:
                     self._probed[kind] = max(self._probed[kind], at)
-                    self._release()
+                    self._on_progress()
                     return
                 await asyncio.sleep(0.005)
 
@@ -759,12 +952,11 @@ class K8sControlPlane(CommandBackend):
                 if not outcome.events:
                     return outcome.value
                 try:
-                    last = await self._write(state, machine.state, command)
+                    written, deleted = await self._write(state, machine.state, command)
                 except _Stale:
-                    await self._sync_to(await self._current_revision())
+                    await self._catch_up()
                     continue
-                if last:
-                    await self._sync_to(last)
+                await self._sync_after_write(written, deleted)
                 track_liveness(self._liveness, command, self._clock())
                 return self._result(command, outcome.value)
         raise ConflictError(
@@ -794,34 +986,47 @@ class K8sControlPlane(CommandBackend):
             return state.config
         return value
 
-    async def _write(self, old: ClusterState, new: ClusterState, command: c.Command) -> int:
-        """Write what ``command`` changed from ``old`` to ``new``; the last resourceVersion."""
-        last = 0
+    async def _write(
+        self, old: ClusterState, new: ClusterState, command: c.Command
+    ) -> tuple[dict[str, int], bool]:
+        """Write what ``command`` changed from ``old`` to ``new``. Returns the last
+        resourceVersion written per kind, and whether something was deleted (a deletion's
+        revision is not known)."""
+        written: dict[str, int] = {}
+        deleted = False
+
+        def wrote(kind: str, rv: int) -> None:
+            nonlocal deleted
+            if rv:
+                written[kind] = max(written.get(kind, 0), rv)
+            else:
+                deleted = True
+
         try:
             if old.nodes is not new.nodes:
                 for node_id in sorted(set(old.nodes.keys()) | set(new.nodes.keys())):
                     before, after = old.nodes.get(node_id), new.nodes.get(node_id)
                     if before != after:
-                        last = max(last, await self._write_node(node_id, after))
+                        wrote(NODE, await self._write_node(node_id, after))
             if old.indices is not new.indices:
                 for name in sorted(set(old.indices.keys()) | set(new.indices.keys())):
                     before_i, after_i = old.indices.get(name), new.indices.get(name)
                     if before_i != after_i:
-                        last = max(last, await self._write_index(name, after_i))
+                        wrote(INDEX, await self._write_index(name, after_i))
             if old.locks is not new.locks:
                 end = "expired" if isinstance(command, c.ExpireLocks) else "released"
                 for key in sorted(set(old.locks.keys()) | set(new.locks.keys())):
                     before_l, after_l = old.locks.get(key), new.locks.get(key)
                     if before_l != after_l:
-                        last = max(
-                            last, await self._write_lock_lease(key, before_l, after_l, end, command)
-                        )
+                        rv = await self._write_lock_lease(key, before_l, after_l, end, command)
+                        if rv:
+                            wrote(LEASE, rv)
             if _cluster_spec(old) != _cluster_spec(new):
-                last = max(last, await self._write_cluster(new))
+                wrote(CLUSTER, await self._write_cluster(new))
         except (ConflictError, AlreadyExistsError, NotFoundError) as exc:
             _log.info("%s: %s; deciding again", type(command).__name__, exc)
             raise _Stale from exc
-        return last
+        return written, deleted
 
     def _custom_args(self, kind: str) -> tuple[str, str, str, str]:
         return (GROUP, VERSION, self._namespace, _PLURALS[kind])
@@ -836,6 +1041,19 @@ class K8sControlPlane(CommandBackend):
             "metadata": {"name": name, "labels": _labels()},
             "spec": spec,
         }
+        beacon = self._informers[kind].get(name, self._namespace) if kind in _PLURALS else None
+        if beacon is not None and _is_beacon(beacon):
+            # The API server generated a beacon's name; an index or node wants it: give it up.
+            _log.info("deleting the progress beacon %s: its name is wanted", name)
+            self._beacons.pop(kind, None)
+            with contextlib.suppress(NotFoundError):
+                await call_json(
+                    self._custom.delete_namespaced_custom_object,
+                    *self._custom_args(kind),
+                    name,
+                    verb="delete",
+                    resource=self._where(kind, name),
+                )
         return await call_json(
             self._custom.create_namespaced_custom_object,
             *self._custom_args(kind),
@@ -895,7 +1113,7 @@ class K8sControlPlane(CommandBackend):
         if node is None:
             if raw is None:
                 return 0
-            return await self._delete_and_revision(NODE, raw)
+            return await self._delete(NODE, raw)
         spec = _node_spec(node)
         if raw is None:
             raw = await self._create(NODE, node_id, spec)
@@ -920,7 +1138,7 @@ class K8sControlPlane(CommandBackend):
         if index is None:
             if raw is None:
                 return 0
-            return await self._delete_and_revision(INDEX, raw)
+            return await self._delete(INDEX, raw)
         spec = _index_spec(index)
         if raw is None:
             raw = await self._create(INDEX, name, msgspec.to_builtins(spec))
@@ -937,10 +1155,6 @@ class K8sControlPlane(CommandBackend):
         body: dict[str, Any] = msgspec.to_builtins(status)
         body.setdefault("routing", [])
         return await self._patch_status(INDEX, raw, body)
-
-    async def _delete_and_revision(self, kind: str, raw: Object) -> int:
-        revision = await self._delete(kind, raw)
-        return revision or await self._current_revision()
 
     async def _write_lock_lease(
         self, key: str, before: Lock | None, after: Lock | None, end: str, command: c.Command
@@ -1158,6 +1372,15 @@ def _shard_events(
 
 def _shard(rv: int, kind: EventKind, name: str, shard: int, copy: Any) -> ClusterEvent:
     return ClusterEvent(version=rv, kind=kind, key=name, shard=shard, copy=copy)
+
+
+def _beacon_spec(kind: str) -> Any:
+    """A valid spec for a custom resource that is a progress beacon (never read)."""
+    if kind == INDEX:
+        return msgspec.to_builtins(IndexSpec(settings=IndexSettings(), mappings={}))
+    if kind == NODE:
+        return _node_spec(Node(id="progress-beacon"))
+    return _cluster_spec(ClusterState())
 
 
 def _labels() -> dict[str, str]:
