@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
+from controlplane.backends.raft.framing import stop_listening
+
 __all__ = ["Direction", "Fault", "FaultProxy", "LinkStats"]
 
 _log = logging.getLogger("controlplane.testing.faultproxy")
@@ -164,7 +166,7 @@ class FaultProxy:
         """Stop listening and close every connection. Idempotent."""
         self._closed = True
         if self._server is not None:
-            self._server.close()
+            await stop_listening(self._server)
         for conn in list(self._connections):
             self._close_connection(conn)
         handlers = list(self._handlers)

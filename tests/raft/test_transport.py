@@ -721,3 +721,26 @@ async def test_close_leaves_no_task_and_no_socket_behind(pki: Pki) -> None:
         with pytest.raises(TransportClosedError):
             a.send("b", Ping("a", 99))
     gc.collect()  # an unclosed transport or socket would warn here (warnings are errors)
+
+
+async def test_close_right_after_an_accept_leaves_no_socket_behind(make: Make) -> None:
+    """CPython gh-109564: a connection the selector loop accepted in the iteration before
+    ``Server.close()`` was left half made (its socket never closed). ``close()`` stops
+    accepting first; the connection then reaches the transport, which closes it."""
+    transport, _ = await make("a")
+    loop = asyncio.get_running_loop()
+    listening = transport._server.sockets[0] if transport._server else None
+    assert listening is not None
+    selector = loop._selector  # type: ignore[attr-defined]
+    accept = selector.get_key(listening.fileno()).data[0]
+    with anyio.fail_after(10):
+        connecting = asyncio.ensure_future(asyncio.open_connection(*transport.address))
+        while accept not in loop._ready:  # type: ignore[attr-defined]  # noqa: ASYNC110
+            await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the accept ran: the connection is being made
+        await transport.close()
+        _, writer = await connecting
+        writer.close()
+        with suppress(OSError):
+            await writer.wait_closed()
+    gc.collect()  # the half-made connection's socket would warn here (warnings are errors)

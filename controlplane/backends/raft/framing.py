@@ -407,6 +407,22 @@ async def close_writer(writer: asyncio.StreamWriter, within: float = 2.0) -> Non
         raise
 
 
+async def stop_listening(server: asyncio.Server) -> None:
+    """``server.close()`` without CPython's accept race (gh-109564).
+
+    On the selector event loop, a connection accepted in the iteration before ``close()``
+    is left half made: its transport is never handed to the protocol, and its socket is
+    never closed. So stop accepting first and let the accepts in flight complete; each then
+    reaches its protocol, which closes it.
+    """
+    loop = asyncio.get_running_loop()
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
+    server.close()
+
+
 def describe_error(exc: BaseException) -> str:
     """A short description of a connection error for log lines and messages."""
     if isinstance(exc, TimeoutError):

@@ -34,6 +34,7 @@ from ...codec import state_to_json
 from ...errors import ControlPlaneError
 from ...metrics import CONTENT_TYPE, MetricFamily, Registry
 from .coretypes import Role
+from .framing import stop_listening
 
 if TYPE_CHECKING:
     from ...types import ClusterState
@@ -361,7 +362,7 @@ class OpsServer:
         server, self._server = self._server, None
         self._closing = True
         if server is not None:
-            server.close()
+            await stop_listening(server)
         tasks = list(self._connections)
         for task in tasks:
             task.cancel()

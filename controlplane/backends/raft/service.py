@@ -48,6 +48,7 @@ from .framing import (
     describe_error,
     encode_message_frame,
     read_frame,
+    stop_listening,
 )
 from .wire import (
     HELLO_MAX_SIZE,
@@ -176,7 +177,7 @@ class ClientService:
             return
         self._closing = True
         if self._server is not None:
-            self._server.close()
+            await stop_listening(self._server)
         while self._tasks:
             tasks = list(self._tasks)
             for task in tasks:

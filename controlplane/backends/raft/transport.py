@@ -67,6 +67,7 @@ from controlplane.backends.raft.framing import (
     encode_frame,
     encode_message_frame,
     read_frame,
+    stop_listening,
 )
 from controlplane.errors import ClosedError, ControlPlaneError
 
@@ -403,7 +404,7 @@ class PeerTransport(Generic[T]):
         self._state = _State.CLOSING
         try:
             if self._server is not None:
-                self._server.close()
+                await stop_listening(self._server)
             while self._tasks:
                 tasks = list(self._tasks)
                 for task in tasks:
