@@ -33,9 +33,12 @@ import uuid
 from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
+import aiohttp
+import aiohttp.helpers
 import immutables
 import msgspec
 from kubernetes_asyncio import client as k8s_client
+from yarl import URL
 
 from ... import commands as c
 from ...config import Config, K8sConfig
@@ -278,6 +281,7 @@ class K8sControlPlane(CommandBackend):
         self._started = True
         configuration = self._configuration or await _load_configuration(self._k8s)
         self._api = k8s_client.ApiClient(configuration=configuration)
+        _skip_env_lookups(self._api)
         self._custom = k8s_client.CustomObjectsApi(self._api)
         self._coordination = k8s_client.CoordinationV1Api(self._api)
         ns = self._namespace
@@ -1372,6 +1376,34 @@ def _shard_events(
 
 def _shard(rv: int, kind: EventKind, name: str, shard: int, copy: Any) -> ClusterEvent:
     return ClusterEvent(version=rv, kind=kind, key=name, shard=shard, copy=copy)
+
+
+def _skip_env_lookups(api: Any) -> None:
+    """Stop kubernetes_asyncio's session from looking up ``~/.netrc`` and the proxy environment
+    on every request when neither applies.
+
+    Its aiohttp session has ``trust_env=True``, so each request reads the netrc file and the
+    proxy variables in worker threads: two thread hops per request, about 40 % of this
+    process's CPU per ``create_index`` (measured: 8.6 -> 4.7 ms/op), and latency on a busy
+    machine. The lookups are turned off only when they cannot change anything: no netrc file
+    and no proxy in the environment for the API server (behaviour otherwise unchanged)."""
+    rest = getattr(api, "rest_client", None)
+    session = getattr(rest, "pool_manager", None)
+    if (
+        not isinstance(session, aiohttp.ClientSession)
+        or getattr(session, "_trust_env", None) is not True
+    ):
+        return
+    try:
+        aiohttp.helpers.get_env_proxy_for_url(URL(str(api.configuration.host)))
+        return  # a proxy applies: keep aiohttp's handling of it
+    except LookupError:
+        pass
+    except ValueError:
+        return
+    if aiohttp.helpers.netrc_from_env() is not None:
+        return
+    session._trust_env = False
 
 
 def _beacon_spec(kind: str) -> Any:
