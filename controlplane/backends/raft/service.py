@@ -19,8 +19,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 import weakref
 from collections.abc import Coroutine
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -338,6 +340,9 @@ class _Connection:
         """Frames queued in this iteration of the loop, written together by ``_flush``."""
         self._out_bytes = 0
         self._high_water = writer.transport.get_write_buffer_limits()[1]
+        self._quick = 0
+        """Writes in flight without a task of their own (see :meth:`_proposed`)."""
+        self._ended = False
 
     async def run(self) -> None:
         """Read and dispatch requests until the client leaves or the connection breaks."""
@@ -353,6 +358,7 @@ class _Connection:
 
     async def cancel_tasks(self) -> None:
         """End the handlers and the stream of this connection."""
+        self._ended = True
         tasks = [*self._handlers, *([self._stream] if self._stream else [])]
         for task in tasks:
             task.cancel()
@@ -389,7 +395,7 @@ class _Connection:
             self._stream = self._spawn(self._subscription(message), "stream")
             return
         limit = self._service.max_in_flight
-        if len(self._handlers) >= limit:
+        if self._in_flight() >= limit:
             await self._send(
                 ErrorReply(
                     request=message.request,
@@ -399,8 +405,44 @@ class _Connection:
                 )
             )
             return
-        started = self._start(message) if isinstance(message, Execute) else None
-        self._handlers.add(self._spawn(self._handle(message, started), "request"))
+        if isinstance(message, Execute) and (started := self._start(message)) is not None:
+            # The hot path: answered from the proposal's callback, no task per request.
+            if framing.TRACE is not None:
+                framing.TRACE("s.call")
+            self._quick += 1
+            started.add_done_callback(partial(self._proposed, message, time.monotonic()))
+            return
+        self._handlers.add(self._spawn(self._handle(message, None), "request"))
+
+    def _in_flight(self) -> int:
+        return len(self._handlers) + self._quick
+
+    def _proposed(self, message: Execute, since: float, future: asyncio.Future[Any]) -> None:
+        """A write proposed by :meth:`_start` is done: reply with its outcome."""
+        self._quick -= 1
+        if self._ended:
+            return
+        if future.cancelled() or future.exception() is not None:
+            # No outcome (another leader's entry took its index, a deadline, a stop): the
+            # task's full path retries or answers, as for any request.
+            self._handlers.add(self._spawn(self._handle(message, future), "request"))
+            return
+        if framing.TRACE is not None:
+            framing.TRACE("s.ret")
+        self._backend.node.metrics.proposal_seconds.observe(time.monotonic() - since)
+        try:
+            result = future.result().unwrap()
+            reply: Reply = ExecuteReply(
+                request=message.request, version=result.version, value=result.value
+            )
+        except ControlPlaneError as exc:
+            reply = error_reply(message.request, exc)
+        try:
+            self._answer_now(message, reply)
+            if self._needs_drain():
+                self._handlers.add(self._spawn(self._drain_quietly(), "drain"))
+        except _ConnectionGone:
+            pass
 
     def _start(self, message: Execute) -> asyncio.Future[Any] | None:
         """On the leader, propose a valid command at once (in this iteration of the loop, not
@@ -454,12 +496,15 @@ class _Connection:
         if framing.TRACE is not None:
             framing.TRACE("s.flush")
 
+    def _needs_drain(self) -> bool:
+        transport = self._writer.transport
+        queued = transport.get_write_buffer_size() + self._out_bytes
+        return queued > self._high_water or transport.is_closing()
+
     async def _drain(self) -> None:
         """Wait while the transport holds more than its high-water mark (with the write
         timeout); below it there is nothing to wait for, so no timer is armed."""
-        transport = self._writer.transport
-        queued = transport.get_write_buffer_size() + self._out_bytes
-        if queued <= self._high_water and not transport.is_closing():
+        if not self._needs_drain():
             return
         self._flush()
         try:
@@ -497,17 +542,24 @@ class _Connection:
                 )
             if reply is None:
                 return
-            try:
-                self._write(reply)
-            except FrameTooLargeError as exc:
-                self._write(error_reply(message.request, InvalidRequestError(str(exc))))
-            if len(self._handlers) <= 1:
-                # The only request in flight: no other reply can join this write, so do not
-                # wait for the next loop iteration (where the loop first polls for I/O).
-                self._flush()
+            self._answer_now(message, reply, own_task=True)
             await self._drain()
         except _ConnectionGone:
             pass
+
+    async def _drain_quietly(self) -> None:
+        with contextlib.suppress(_ConnectionGone):
+            await self._drain()
+
+    def _answer_now(self, message: Request, reply: Reply, *, own_task: bool = False) -> None:
+        try:
+            self._write(reply)
+        except FrameTooLargeError as exc:
+            self._write(error_reply(message.request, InvalidRequestError(str(exc))))
+        if self._in_flight() - own_task == 0:
+            # The only request in flight: no other reply can join this write, so do not
+            # wait for the next loop iteration (where the loop first polls for I/O).
+            self._flush()
 
     async def _answer(self, message: Request, started: asyncio.Future[Any] | None) -> Reply | None:
         backend = self._backend
