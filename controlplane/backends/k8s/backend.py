@@ -120,6 +120,10 @@ _PLURALS = {INDEX: "indices", NODE: "clusternodes", CLUSTER: "clusters"}
 _KIND_NAMES = {INDEX: "Index", NODE: "ClusterNode", CLUSTER: "Cluster"}
 
 
+_NOTHING = -1
+"""What a ``_write_*`` method returns when it wrote nothing (0: a deletion, revision unknown)."""
+
+
 class _Stale(Exception):
     """A write found the object changed (409, or 404/AlreadyExists from a concurrent writer)."""
 
@@ -1001,9 +1005,9 @@ class K8sControlPlane(CommandBackend):
 
         def wrote(kind: str, rv: int) -> None:
             nonlocal deleted
-            if rv:
+            if rv > 0:
                 written[kind] = max(written.get(kind, 0), rv)
-            else:
+            elif rv == 0:  # a deletion
                 deleted = True
 
         try:
@@ -1022,9 +1026,10 @@ class K8sControlPlane(CommandBackend):
                 for key in sorted(set(old.locks.keys()) | set(new.locks.keys())):
                     before_l, after_l = old.locks.get(key), new.locks.get(key)
                     if before_l != after_l:
-                        rv = await self._write_lock_lease(key, before_l, after_l, end, command)
-                        if rv:
-                            wrote(LEASE, rv)
+                        wrote(
+                            LEASE,
+                            await self._write_lock_lease(key, before_l, after_l, end, command),
+                        )
             if _cluster_spec(old) != _cluster_spec(new):
                 wrote(CLUSTER, await self._write_cluster(new))
         except (ConflictError, AlreadyExistsError, NotFoundError) as exc:
@@ -1116,7 +1121,7 @@ class K8sControlPlane(CommandBackend):
         raw = self._objs[NODE].get(node_id)
         if node is None:
             if raw is None:
-                return 0
+                return _NOTHING
             return await self._delete(NODE, raw)
         spec = _node_spec(node)
         if raw is None:
@@ -1141,7 +1146,7 @@ class K8sControlPlane(CommandBackend):
         raw = self._objs[INDEX].get(name)
         if index is None:
             if raw is None:
-                return 0
+                return _NOTHING
             return await self._delete(INDEX, raw)
         spec = _index_spec(index)
         if raw is None:
@@ -1170,7 +1175,7 @@ class K8sControlPlane(CommandBackend):
         now = format_micro_time(_utcnow())
         if after is None:
             if record is None:
-                return 0
+                return _NOTHING
             spec = {k: v for k, v in record.spec.items() if k != "holderIdentity"}
             spec["renewTime"] = now
             info = {"end": end, "writer": self._identity, "at": stamp}
