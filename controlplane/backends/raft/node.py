@@ -594,6 +594,8 @@ class RaftNode:
         recent = self._recent.get(index)
         if recent is not None:
             return _result_for(recent, term)
+        if self._failure is not None:  # it failed the waiters before this one came
+            raise self._failure_error(self._failure)
         if index <= self._applied:
             raise _unknown_outcome(f"entry {index} was applied before its result was awaited")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -848,11 +850,13 @@ class RaftNode:
         self._stopping = True
         self._wake.set()
         self._set_soft_state(None, Role.FOLLOWER)  # it leads no more, whatever the core says
-        self._fail_all(
-            exc
-            if isinstance(exc, ControlPlaneError)
-            else UnavailableError(f"the Raft member {self.id} stopped after an error: {exc!r}")
-        )
+        self._fail_all(self._failure_error(exc))
+
+    def _failure_error(self, exc: BaseException) -> ControlPlaneError:
+        """What the requests a failure ends are told."""
+        if isinstance(exc, ControlPlaneError):
+            return exc
+        return UnavailableError(f"the Raft member {self.id} stopped after an error: {exc!r}")
 
     def _feed(self, core: RaftCore) -> None:
         for _ in range(self._ticks):
