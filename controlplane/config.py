@@ -192,7 +192,8 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     election_timeout: float = 1.0
     """Seconds without a leader before a follower campaigns (randomized up to twice this)."""
     snapshot_entries: int = 10_000
-    """Take a snapshot (and compact the log) after this many applied entries..."""
+    """Take a snapshot (and compact the log) after this many applied entries (each command
+    of an entry that batches several counts)..."""
     snapshot_bytes: int = 64 * _MiB
     """... or once the log since the last snapshot is this big."""
     fsync: bool = True

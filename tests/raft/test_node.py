@@ -121,8 +121,9 @@ async def test_proposals_waiting_together_share_an_entry_each_with_its_own_resul
     tmp_path: Path,
 ) -> None:
     """Proposals queued in one iteration of the loop go into one log entry; each command is
-    still applied on its own, in order, with its own result or error, and survives a restart."""
-    config = single(tmp_path / "d")
+    still applied on its own, in order, with its own result or error, counts toward the
+    snapshot threshold, and survives a restart."""
+    config = single(tmp_path / "d", snapshot_entries=150)
     n = 200
     with anyio.fail_after(30):
         async with RaftControlPlane(config) as cp:
@@ -139,6 +140,8 @@ async def test_proposals_waiting_together_share_an_entry_each_with_its_own_resul
             assert entries * 4 <= n, f"{n + 1} proposals took {entries} entries"
             before = await cp.get_cluster_state()
             assert len(before.locks) == n
+            # Fewer than 150 entries, more than 150 commands: a snapshot is taken.
+            await wait_until(lambda: bool(list((tmp_path / "d" / "snap").glob("*.snap"))))
 
         async with RaftControlPlane(config) as cp:
             await cp.wait_ready(10)

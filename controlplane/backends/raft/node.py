@@ -94,7 +94,8 @@ class NodeOptions:
     election_timeout: float = 1.0
     """Followers campaign after a random time in [election_timeout, 2 * election_timeout)."""
     snapshot_entries: int = 10_000
-    """Take a snapshot after this many entries were applied since the last one..."""
+    """Take a snapshot after this many entries were applied since the last one (each command
+    of a batch entry counts)..."""
     snapshot_bytes: int = 64 << 20
     """...or after this many bytes of entry data."""
     request_timeout: float = 10.0
@@ -1086,6 +1087,7 @@ class RaftNode:
         waiters = self._waiters
         recent = self._recent
         size = 0
+        count = len(entries)  # each command of a batch counts, as in its own entry
         for entry in entries:
             result: Any = None
             results: list[Any] | None = None
@@ -1096,6 +1098,7 @@ class RaftNode:
                     result = fsm.apply(entry.index, data)
                 else:
                     results = [fsm.apply(entry.index, command) for command in commands]
+                    count += len(commands) - 1
                 size += len(data)
             recent[entry.index] = (entry.term, result)
             waiter = waiters.pop(entry.index, None)
@@ -1117,7 +1120,7 @@ class RaftNode:
         while len(recent) > 4096:
             recent.popitem(last=False)
         self._applied = entries[-1].index
-        self._since_snapshot_entries += len(entries)
+        self._since_snapshot_entries += count
         self._since_snapshot_bytes += size
         if self._applied_waiters:
             still = []
