@@ -1154,7 +1154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput duration")
     parser.add_argument("--reads", type=int, default=10_000, help="local reads (1/10 others)")
     parser.add_argument("--watch-n", type=int, default=500, help="watch deliveries timed")
-    parser.add_argument("--failovers", type=int, default=5)
+    parser.add_argument("--failovers", type=int, default=9)
     parser.add_argument("--poll", type=float, default=0.02, help="new write attempt period")
     parser.add_argument("--failover-deadline", type=float, default=15.0)
     parser.add_argument(
