@@ -21,10 +21,8 @@ import contextlib
 import heapq
 import itertools
 import logging
-import queue
 import random
 import ssl
-import threading
 import time
 import zlib
 from collections.abc import Callable
@@ -44,7 +42,7 @@ from ...errors import (
     UnavailableError,
 )
 from ...metrics import NodeMetrics, timed
-from . import framing
+from . import batching, framing
 from .core import (
     Busy,
     ConfChangeType,
@@ -60,6 +58,7 @@ from .core import (
 from .messages import Append, AppendResponse, Heartbeat, InstallSnapshot, Message
 from .records import ConfState, Entry, EntryType, SnapshotMeta
 from .storage import DiskStorage
+from .storage_thread import StorageThread, save_traced
 from .transport import PeerTransport, TransportOptions
 
 __all__ = ["Fsm", "MessageFilter", "NodeOptions", "PeerMessage", "RaftNode"]
@@ -191,32 +190,6 @@ class _Waiter:
         self.futures = futures
 
 
-_BATCH_MARK = 0xC1
-"""First byte of a batch entry: a byte msgpack never uses, so no single command starts so."""
-_BATCH_MAX_COMMANDS = 256
-_BATCH_MAX_BYTES = 256 * 1024
-_BATCH_ENCODER = msgspec.msgpack.Encoder()
-_BATCH_DECODER: msgspec.msgpack.Decoder[list[bytes]] = msgspec.msgpack.Decoder(list[bytes])
-
-
-def _encode_batch(commands: list[bytes]) -> bytes:
-    """Several proposals as one log entry: the per-entry work (append, replication, storage,
-    acknowledgement) is paid once for all of them; each is still applied on its own."""
-    return bytes((_BATCH_MARK,)) + _BATCH_ENCODER.encode(commands)
-
-
-def _check_data(data: bytes) -> None:
-    if data[:1] == b"\xc1":
-        raise InvalidRequestError("proposal data must not start with byte 0xC1 (reserved)")
-
-
-def _decode_batch(data: bytes) -> list[bytes] | None:
-    """The commands of a batch entry, or None when ``data`` is one command."""
-    if data[0] != _BATCH_MARK:
-        return None
-    return _BATCH_DECODER.decode(memoryview(data)[1:])
-
-
 class RaftNode:
     """One Raft member: core + :class:`DiskStorage` + :class:`PeerTransport` + an :class:`Fsm`.
 
@@ -263,7 +236,7 @@ class RaftNode:
         self._rng = rng or random.Random()
         self._on_role_change = on_role_change
         self._on_notice = on_notice
-        self._storage_thread = _StorageThread(f"raft-{member_id}-storage")
+        self._storage_thread = StorageThread(f"raft-{member_id}-storage")
         if advertise_address is not None:
             parse_address(advertise_address)
         self._advertise = advertise_address
@@ -474,7 +447,7 @@ class RaftNode:
         member does not lead or does not run: :meth:`propose` alone then does it all."""
         if self._leader != self.id or self._failure is not None or self._stopping:
             return None
-        _check_data(data)
+        batching.check_data(data)
         if framing.TRACE is not None:
             framing.TRACE("n.prop")
         loop = asyncio.get_running_loop()
@@ -499,7 +472,7 @@ class RaftNode:
         """
         if framing.TRACE is not None and started is None:
             framing.TRACE("n.prop")
-        _check_data(data)
+        batching.check_data(data)
         first = started
         started_at = time.monotonic()
         deadline = time.monotonic() + (within or self.options.request_timeout)
@@ -873,25 +846,8 @@ class RaftNode:
             except Exception:  # a bad message must not kill the member
                 _log.exception("member %s: error handling %s", self.id, type(msg).__name__)
         proposals = self._proposals
-        while proposals:
-            data, future = proposals.popleft()
-            if future.done():
-                continue
-            futures = [future]
-            if proposals:  # several waiting: as many as fit go into one entry
-                batch = [data]
-                size = len(data)
-                while proposals and len(batch) < _BATCH_MAX_COMMANDS:
-                    more, more_future = proposals[0]
-                    if size + len(more) > _BATCH_MAX_BYTES:
-                        break
-                    proposals.popleft()
-                    if not more_future.done():
-                        batch.append(more)
-                        futures.append(more_future)
-                        size += len(more)
-                if len(batch) > 1:
-                    data = _encode_batch(batch)
+        while (taken := batching.take(proposals)) is not None:
+            data, futures = taken
             try:
                 index = core.propose(data)
             except (NotLeader, LeadershipTransferInProgress):  # nothing happened: retry
@@ -1044,7 +1000,7 @@ class RaftNode:
     def _save(self, rd: Ready, traced: bool) -> asyncio.Future[Any]:
         """Persist ``rd``'s entries and hard state in the storage thread; the future gets the
         seconds it took (with ``traced``: and the thread's start and end, in ns)."""
-        fn = _save_traced if traced else timed
+        fn = save_traced if traced else timed
         return self._storage_thread.run(fn, self._storage.save, rd.hard_state, rd.entries)
 
     def _introduce(self, core: RaftCore, messages: list[Message]) -> None:
@@ -1093,7 +1049,7 @@ class RaftNode:
             results: list[Any] | None = None
             data = entry.data
             if entry.type is EntryType.NORMAL and data:
-                commands = _decode_batch(data)
+                commands = batching.decode(data)
                 if commands is None:
                     result = fsm.apply(entry.index, data)
                 else:
@@ -1293,84 +1249,6 @@ class RaftNode:
                 future.set_exception(exc)
         self._waiters.clear()
         self._leader_changed.set()
-
-
-_Work = tuple[asyncio.AbstractEventLoop, asyncio.Future[Any], Callable[..., Any], tuple[Any, ...]]
-
-
-class _StorageThread:
-    """The one thread that touches storage, in submission order.
-
-    Cheaper than ``run_in_executor`` on a one-worker pool (measured ~25 µs less per hand-off,
-    two on every commit): a plain queue in, ``call_soon_threadsafe`` back, no
-    ``concurrent.futures.Future`` to chain. As with an executor, a cancelled caller does not
-    cancel the work: later work still runs after it.
-    """
-
-    __slots__ = ("_name", "_queue", "_thread")
-
-    def __init__(self, name: str) -> None:
-        self._name = name
-        self._queue: queue.SimpleQueue[_Work | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        """Run ``fn(*args)`` on the thread; the future (of the running loop) gets its result."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-            self._thread.start()
-        self._queue.put((loop, future, fn, args))
-        return future
-
-    def shutdown(self) -> None:
-        """Let the thread finish what was submitted, then end it (waits for it)."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            self._queue.put(None)
-            thread.join()
-
-    def _work(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            loop, future, fn, args = item
-            try:
-                result = fn(*args)
-            except BaseException as exc:  # handed to the caller, as an executor would
-                _complete(loop, future, None, exc)
-            else:
-                _complete(loop, future, result, None)
-            del item, loop, future, fn, args
-
-
-def _complete(
-    loop: asyncio.AbstractEventLoop,
-    future: asyncio.Future[Any],
-    result: Any,
-    exc: BaseException | None,
-) -> None:
-    with contextlib.suppress(RuntimeError):  # the loop was closed: nobody waits any more
-        loop.call_soon_threadsafe(_set_future, future, result, exc)
-
-
-def _set_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():
-        return  # the caller was cancelled
-    if exc is None:
-        future.set_result(result)
-    else:
-        future.set_exception(exc)
-
-
-def _save_traced(save: Callable[..., Any], *args: Any) -> tuple[float, int, int]:
-    t0 = time.monotonic_ns()
-    save(*args)
-    t1 = time.monotonic_ns()
-    return (t1 - t0) / 1e9, t0, t1
 
 
 def _trace_receive(msg: PeerMessage) -> None:
