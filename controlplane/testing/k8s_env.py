@@ -32,6 +32,7 @@ import contextlib
 import datetime
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -56,7 +57,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from .gobuild import KUBERNETES_VERSION, build_peer
+from .gobuild import KUBERNETES_VERSION, build_peer, cache_root
 
 __all__ = [
     "HOST",
@@ -182,6 +183,8 @@ def _tail(path: Path, lines: int) -> str:
     return f"--- {path.name} (last {lines} lines):\n" + "\n".join(text.splitlines()[-lines:])
 
 
+_log = logging.getLogger("controlplane.testing.k8s_env")
+
 _LIVE_GROUPS: set[int] = set()
 """Process groups started and not yet reaped: killed at interpreter exit as a last resort."""
 
@@ -191,6 +194,52 @@ def _kill_leftovers() -> None:
     for pgid in list(_LIVE_GROUPS):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
+        _running_record(pgid).unlink(missing_ok=True)
+
+
+def _running_dir() -> Path:
+    """Where each running test peer is recorded as ``<owner pid>.<its pid>`` (its command
+    line inside): a process killed with SIGKILL runs no ``atexit``, so the next environment
+    started on this machine reaps what it left."""
+    return cache_root() / "running"
+
+
+def _running_record(pid: int) -> Path:
+    return _running_dir() / f"{os.getpid()}.{pid}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_orphans() -> list[int]:
+    """Kill the test peers whose owning process is gone; return their pids.
+
+    A peer is killed only if its command line is still the one recorded when it started
+    (a pid the kernel has reused for something else is left alone).
+    """
+    reaped: list[int] = []
+    directory = _running_dir()
+    if not directory.is_dir():
+        return reaped
+    for record in directory.iterdir():
+        owner, _, pid_text = record.name.partition(".")
+        if not (owner.isdigit() and pid_text.isdigit()) or _alive(int(owner)):
+            continue
+        pid = int(pid_text)
+        with contextlib.suppress(OSError):
+            recorded = record.read_bytes()
+            if recorded and Path(f"/proc/{pid}/cmdline").read_bytes() == recorded:
+                os.killpg(pid, signal.SIGKILL)
+                reaped.append(pid)
+        record.unlink(missing_ok=True)
+    return reaped
 
 
 class _Process:
@@ -208,6 +257,11 @@ class _Process:
                 start_new_session=True,
             )
         _LIVE_GROUPS.add(self.popen.pid)
+        with contextlib.suppress(OSError):
+            _running_dir().mkdir(parents=True, exist_ok=True)
+            _running_record(self.popen.pid).write_bytes(
+                b"\0".join(os.fsencode(a) for a in argv) + b"\0"
+            )
 
     @property
     def pid(self) -> int:
@@ -230,6 +284,7 @@ class _Process:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
         _LIVE_GROUPS.discard(self.pid)
+        _running_record(self.pid).unlink(missing_ok=True)
 
 
 # -- the environment -------------------------------------------------------------------------
@@ -307,6 +362,8 @@ class KubeEnv:
         """
         if self._started:
             raise RuntimeError("KubeEnv already started")
+        for pid in reap_orphans():
+            _log.warning("killed test peer %d: the process that started it is gone", pid)
         if self._etcd_binary is None or self._apiserver_binary is None:
             etcd, apiserver = await asyncio.to_thread(build_binaries)
             self._etcd_binary = self._etcd_binary or etcd

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from controlplane.testing.k8s_env import KUBERNETES_VERSION, KubeEnv, KubeEnvError
+from controlplane.testing.k8s_env import KUBERNETES_VERSION, KubeEnv, KubeEnvError, reap_orphans
 
 pytestmark = pytest.mark.anyio
 
@@ -163,3 +165,47 @@ async def test_failed_start_leaves_nothing_running(
     assert len(env.started_pids) == 2  # etcd came up, then kube-apiserver failed
     assert not any(_group_alive(pid) for pid in env.started_pids)
     assert (tmp_path / "etcd.log").exists()
+
+
+def test_peers_left_by_a_killed_test_process_are_reaped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A test process killed with SIGKILL runs no cleanup: the peers it started (in sessions
+    of their own) live on. The next environment started on the machine kills them, and only
+    them: a record whose pid now runs something else is dropped without a kill."""
+    monkeypatch.setenv("CONTROLPLANE_TEST_PEERS_CACHE", str(tmp_path / "cache"))
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path;"
+            "from controlplane.testing.k8s_env import _Process;"
+            f"p = _Process('peer', ['sleep', '300'], Path({str(tmp_path / 'log')!r}));"
+            "print(p.pid, flush=True); time.sleep(300)",
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "CONTROLPLANE_TEST_PEERS_CACHE": str(tmp_path / "cache")},
+    )
+    try:
+        assert owner.stdout is not None
+        peer = int(owner.stdout.readline())
+    finally:
+        owner.kill()
+        owner.wait(10)
+        if owner.stdout is not None:
+            owner.stdout.close()
+    stranger = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        running = tmp_path / "cache" / "running"
+        (running / f"{owner.pid}.{stranger.pid}").write_bytes(b"kube-apiserver\0")
+        assert _group_alive(peer)
+        assert reap_orphans() == [peer]
+        deadline = time.monotonic() + 10
+        while _group_alive(peer) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(peer)
+        assert stranger.poll() is None  # its command line is not the recorded one
+        assert list(running.iterdir()) == []
+    finally:
+        stranger.kill()
+        stranger.wait(10)
