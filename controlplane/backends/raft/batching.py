@@ -20,6 +20,7 @@ from ...errors import InvalidRequestError
 __all__ = ["MARK", "MAX_BYTES", "MAX_COMMANDS", "check_data", "decode", "take"]
 
 MARK = 0xC1
+_MARK_BYTE = bytes((MARK,))
 MAX_COMMANDS = 256
 MAX_BYTES = 256 * 1024
 
@@ -31,7 +32,7 @@ Proposals = deque[tuple[bytes, asyncio.Future[Any]]]
 
 def check_data(data: bytes) -> None:
     """Refuse proposal data that would read as a batch."""
-    if data[:1] == b"\xc1":
+    if data[:1] == _MARK_BYTE:
         raise InvalidRequestError("proposal data must not start with byte 0xC1 (reserved)")
 
 
@@ -61,7 +62,7 @@ def take(proposals: Proposals) -> tuple[bytes, list[asyncio.Future[Any]]] | None
             size += len(more)
     if len(batch) == 1:
         return data, futures
-    return bytes((MARK,)) + _ENCODER.encode(batch), futures
+    return _MARK_BYTE + _ENCODER.encode(batch), futures
 
 
 def decode(data: bytes) -> list[bytes] | None:
