@@ -68,8 +68,14 @@ class Placement:
         held = self.held.setdefault(node_id, set())
         held.add(key)
         if node_id in self._eligible:
-            heapq.heappush(self._heap, (len(held), node_id))
-            if len(self._heap) > 4 * len(self._eligible) + 64:
+            heap = self._heap
+            load = len(held)
+            if heap and heap[0] == (load - 1, node_id):
+                # The usual case (the node just chosen): its entry moves down, none goes stale.
+                heapq.heapreplace(heap, (load, node_id))
+                return
+            heapq.heappush(heap, (load, node_id))
+            if len(heap) > 4 * len(self._eligible) + 64:
                 self._rebuild_heap()
 
     def remove(self, node_id: str, key: ShardKey) -> None:
@@ -88,12 +94,13 @@ class Placement:
         candidate is in a used zone, the least loaded of them is chosen.
         """
         heap = self._heap
+        held = self.held
         skipped: list[tuple[int, str]] = []
         fallback: str | None = None
         found: str | None = None
         while heap:
             load, node_id = heap[0]
-            if node_id not in self._eligible or self.load(node_id) != load:
+            if node_id not in self._eligible or len(held.get(node_id, ())) != load:
                 heapq.heappop(heap)  # stale entry
                 continue
             if node_id in holders or node_id == exclude:

@@ -256,38 +256,42 @@ class StateMachine:
         """Index with its unassigned copies placed (when auto-allocation is on)."""
         if not self._get("config").auto_allocate:
             return index
-        placement = self._placement
-        routing = list(index.routing)
-        changed = False
-        for pos, shard in enumerate(routing):
-            if all(c.node_id is not None for c in shard.copies):
-                continue
-            holders = _holders(shard)
-            zones = {z for z in map(placement.zone_of, holders) if z}
-            copies = list(shard.copies)
-            for i, copy in enumerate(copies):
-                if copy.node_id is not None:
-                    continue
-                node_id = placement.choose(holders, zones, exclude)
-                if node_id is None:
-                    break
-                placed = ShardCopy(
-                    primary=copy.primary, node_id=node_id, state=ShardState.INITIALIZING
-                )
-                copies[i] = placed
-                holders.add(node_id)
-                if zone := placement.zone_of(node_id):
-                    zones.add(zone)
-                placement.add(node_id, (index.name, shard.shard))
-                changed = True
-                if emit:
-                    self._emit(
-                        EventKind.SHARD_ALLOCATED, index.name, shard=shard.shard, copy=placed
-                    )
-            routing[pos] = ShardRouting(shard=shard.shard, copies=tuple(copies))
-        if not changed:
+        routing = index.routing
+        placed = tuple(
+            self._place_shard(index.name, shard, exclude, emit) if _unassigned(shard) else shard
+            for shard in routing
+        )
+        if all(new is old for new, old in zip(placed, routing, strict=True)):
             return index
-        return _replace(index, routing=tuple(routing), updated_version=self._version)
+        return _replace(index, routing=placed, updated_version=self._version)
+
+    def _place_shard(
+        self, name: str, shard: ShardRouting, exclude: str | None, emit: bool
+    ) -> ShardRouting:
+        """``shard`` with as many of its unassigned copies placed as nodes allow (the same
+        object when none could be)."""
+        placement = self._placement
+        holders = _holders(shard)
+        zones = {z for z in map(placement.zone_of, holders) if z}
+        key: ShardKey = (name, shard.shard)
+        copies = list(shard.copies)
+        changed = False
+        for i, copy in enumerate(copies):
+            if copy.node_id is not None:
+                continue
+            node_id = placement.choose(holders, zones, exclude)
+            if node_id is None:
+                break
+            placed = ShardCopy(primary=copy.primary, node_id=node_id, state=ShardState.INITIALIZING)
+            copies[i] = placed
+            holders.add(node_id)
+            if zone := placement.zone_of(node_id):
+                zones.add(zone)
+            placement.add(node_id, key)
+            changed = True
+            if emit:
+                self._emit(EventKind.SHARD_ALLOCATED, name, shard=shard.shard, copy=placed)
+        return ShardRouting(shard=shard.shard, copies=tuple(copies)) if changed else shard
 
     def _place_pending(self) -> None:
         """Place unassigned copies of every index that has some (after a node became eligible)."""
@@ -424,17 +428,19 @@ class StateMachine:
         copies = (ShardCopy(primary=True),) + (
             ShardCopy(primary=False),
         ) * settings.number_of_replicas
+        routing = tuple(
+            ShardRouting(shard=s, copies=copies) for s in range(settings.number_of_shards)
+        )
+        if self._get("config").auto_allocate:  # placed here: the index is built once
+            routing = tuple(self._place_shard(cmd.name, shard, None, False) for shard in routing)
         index = Index(
             name=cmd.name,
             settings=settings,
             mappings=cmd.mappings,
-            routing=tuple(
-                ShardRouting(shard=s, copies=copies) for s in range(settings.number_of_shards)
-            ),
+            routing=routing,
             created_version=self._version,
             updated_version=self._version,
         )
-        index = self._place(index, emit=False)
         self._put_index(index)
         self._emit(EventKind.INDEX_CREATED, index.name, index=index)
         return index
@@ -783,5 +789,13 @@ def _holders(shard: ShardRouting) -> set[str]:
     return out
 
 
+def _unassigned(shard: ShardRouting) -> bool:
+    # A loop, not any() over a generator: ~3x faster here, on every index write.
+    for copy in shard.copies:  # noqa: SIM110
+        if copy.node_id is None:
+            return True
+    return False
+
+
 def _has_unassigned(index: Index) -> bool:
-    return any(c.node_id is None for s in index.routing for c in s.copies)
+    return any(map(_unassigned, index.routing))

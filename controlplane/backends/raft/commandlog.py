@@ -24,6 +24,7 @@ class CommandLog:
         self._base = version
         """Version before the oldest retained command: history from here on is complete."""
         self._changed = asyncio.Event()
+        self._waiting = 0
 
     @property
     def head(self) -> int:
@@ -64,8 +65,13 @@ class CommandLog:
     async def wait_beyond(self, version: int) -> None:
         """Return once the log holds a command after ``version`` (or was reset)."""
         while self.head <= version:
-            await self._changed.wait()
+            self._waiting += 1
+            try:
+                await self._changed.wait()
+            finally:
+                self._waiting -= 1
 
     def _wake(self) -> None:
-        self._changed.set()  # wakes every waiter; later waiters wait on a fresh event
-        self._changed = asyncio.Event()
+        if self._waiting:  # a fresh event only when one was waited on (appends are hot)
+            self._changed.set()  # wakes every waiter; later waiters wait on a fresh event
+            self._changed = asyncio.Event()
