@@ -227,8 +227,10 @@ class _Link:
         due.append(rid)
         try:
             self.send(message)
-            if self._out_bytes > self._high_water:
-                self.flush()  # a burst of large requests: to the transport without delay
+            if self._out_bytes > self._high_water or len(self.pending) == 1:
+                # A burst of large requests, or the only request in flight (no other can
+                # join its write): to the transport now, not in the next loop iteration.
+                self.flush()
             reply = await future
         finally:
             self.pending.pop(rid, None)
