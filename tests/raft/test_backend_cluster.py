@@ -28,6 +28,7 @@ from controlplane.backends.raft.core import ConfChangeType
 from controlplane.backends.raft.framing import encode_frame
 from controlplane.backends.raft.messages import Append, TimeoutNow
 from controlplane.backends.raft.node import ForwardProposal, PeerMessage, _Retry
+from controlplane.backends.raft.progress import ProgressState
 from controlplane.backends.raft.transport import (
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
@@ -171,6 +172,36 @@ async def test_a_member_far_behind_catches_up_through_install_snapshot(tmp_path:
             # It goes on from the snapshot with ordinary replication.
             await write_flags(leader, "after", 5)
             await cluster.wait_converged()
+
+
+async def test_the_leader_probes_a_member_it_cannot_reach_instead_of_queueing_appends(
+    tmp_path: Path,
+) -> None:
+    """The transport reports the lost connection: the leader stops pipelining to the member,
+    so nothing piles up for it, and on its return it needs the snapshot (no message filter
+    here, unlike the test above: the real outage alone must do)."""
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path, snapshot_entries=20) as cluster:
+            await cluster.start_all()
+            leader = await cluster.wait_leader()
+            lagging = next(m for m in cluster.members if m != leader.node.id)
+            await cluster.stop(lagging, transfer=False)
+            core = leader.node.core
+            assert core is not None
+            await cluster.wait_for(
+                lambda: core.tracker.progress[lagging].state is ProgressState.PROBE
+            )
+            await write_flags(leader, "many", 120)
+            await cluster.wait_for(lambda: core.log.first_index() > 60)
+            # Heart-beats and at most a probe or two, not an Append per write.
+            assert leader.node.transport.pending(lagging) < 20
+
+            behind = await cluster.start(lagging)
+            await cluster.wait_ready()
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == flags("many", 120)
+            assert behind.node.snapshots_installed >= 1
+            assert core.tracker.progress[lagging].state is ProgressState.REPLICATE
 
 
 async def test_a_local_snapshot_overtaken_by_an_installed_one_is_dropped(tmp_path: Path) -> None:

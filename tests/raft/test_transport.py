@@ -322,6 +322,40 @@ async def test_failed_connects_back_off(make: Make) -> None:
         assert a.pending("b") == 1  # kept for when the peer comes up
 
 
+async def test_the_owner_hears_of_a_refused_connect_and_of_a_lost_connection(
+    make: Make,
+) -> None:
+    options = TransportOptions(backoff_initial=0.01, backoff_max=0.05)
+    unreachable: list[str] = []
+    with anyio.fail_after(10):
+        a, _ = await make("a", options=options, on_unreachable=unreachable.append)
+        b, ib = await make("b")
+        introduce(a, b)
+        await deliver(a, b, ib, 0)
+        assert unreachable == []  # connected: nothing to report
+        await b.close()  # lost, then refused
+        a.send("b", Ping("a", 1))
+        await eventually(lambda: len(unreachable) >= 2)
+        assert set(unreachable) == {"b"}
+        reported = len(unreachable)
+        assert a.stats().peers["b"].connection_errors >= reported  # once per failure
+
+
+async def test_a_failing_unreachable_callback_is_logged_and_counted(make: Make) -> None:
+    def broken(member_id: str) -> None:
+        raise RuntimeError("callback bug")
+
+    with anyio.fail_after(10):
+        free_port = await unused_port()
+        a, _ = await make(
+            "a", options=TransportOptions(backoff_initial=0.01), on_unreachable=broken
+        )
+        a.set_peer("b", "127.0.0.1", free_port)
+        a.send("b", Ping("a", 0))
+        await eventually(lambda: a.stats().callback_errors >= 2)
+        assert a.pending("b") == 1  # the transport goes on retrying
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap() -> None:
     backoff = ExponentialBackoff(0.05, 2.0, rng=random.Random(1))
     ceilings = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]

@@ -248,6 +248,7 @@ class RaftNode:
             cluster_id,
             decoder=_DECODER,
             on_message=self._receive,
+            on_unreachable=self._peer_unreachable,
             host=host,
             port=port,
             peers=peers,
@@ -258,6 +259,8 @@ class RaftNode:
         )
         self.core: RaftCore | None = None
         self._inbox: collections.deque[PeerMessage] = collections.deque()
+        self._unreachable: set[str] = set()
+        """Peers the transport could not reach since the core was last told."""
         self._proposals: collections.deque[tuple[bytes, asyncio.Future[Any]]] = collections.deque()
         self._reads: collections.deque[tuple[bytes, asyncio.Future[int]]] = collections.deque()
         self._wake = asyncio.Event()
@@ -776,6 +779,12 @@ class RaftNode:
                 next_at += interval
             self._wake.set()
 
+    def _peer_unreachable(self, member_id: str) -> None:
+        # The leader then probes that peer (one Append at a time) instead of pipelining
+        # Appends into a connection that is down, as etcd's ReportUnreachable.
+        self._unreachable.add(member_id)
+        self._wake.set()
+
     def _receive(self, msg: PeerMessage) -> None:
         if self.message_filter is not None and not self.message_filter(msg):
             return
@@ -836,6 +845,10 @@ class RaftNode:
         for _ in range(self._ticks):
             core.tick()
         self._ticks = 0
+        if self._unreachable:
+            for member_id in self._unreachable:
+                core.report_unreachable(member_id)
+            self._unreachable.clear()
         inbox = self._inbox
         while inbox:
             msg = inbox.popleft()
@@ -1075,17 +1088,21 @@ class RaftNode:
                         future.set_result(value)
         while len(recent) > 4096:
             recent.popitem(last=False)
-        self._applied = entries[-1].index
         self._since_snapshot_entries += count
         self._since_snapshot_bytes += size
+        self._set_applied(entries[-1].index)
+
+    def _set_applied(self, index: int) -> None:
+        """Record that the state machine is at ``index``; wake the reads waiting for it."""
+        self._applied = index
         if self._applied_waiters:
             still = []
-            for index, future in self._applied_waiters:
-                if index <= self._applied:
+            for wanted, future in self._applied_waiters:
+                if wanted <= index:
                     if not future.done():
                         future.set_result(None)
                 else:
-                    still.append((index, future))
+                    still.append((wanted, future))
             self._applied_waiters = still
 
     # --- snapshots ---------------------------------------------------------------------------
@@ -1145,7 +1162,7 @@ class RaftNode:
         source = self._leader
         await self._in_thread(self._storage.install_snapshot, meta, data)
         self._fsm.restore(data)
-        self._applied = meta.index
+        self._set_applied(meta.index)  # reads waiting for entries inside it are done too
         self._snapshot_index = meta.index
         self.snapshots_installed += 1
         self.metrics.snapshot_bytes.set(len(data))

@@ -28,6 +28,9 @@ Contract:
   ``controlplane.raft.transport`` logger and a counter; the transport keeps serving.
 - ``on_message`` is called synchronously on the event loop, in arrival order. An exception
   from it is logged and counted; the connection stays open.
+- ``on_unreachable(member_id)``, when given, is called on the event loop each time a
+  connection to that peer cannot be made or is lost: messages sent to it may not arrive
+  (Raft then stops pipelining to it and probes instead).
 - :meth:`PeerTransport.close` stops the listener, closes every connection and ends every task
   it started before it returns.
 
@@ -203,7 +206,7 @@ class TransportStats:
     dropped_unknown_peer: int = 0
     """Messages sent to a member id with no address."""
     callback_errors: int = 0
-    """Exceptions raised by ``on_message``."""
+    """Exceptions raised by ``on_message`` and ``on_unreachable``."""
 
 
 class ExponentialBackoff:
@@ -311,6 +314,7 @@ class PeerTransport(Generic[T]):
         *,
         decoder: msgspec.msgpack.Decoder[T],
         on_message: Callable[[T], None],
+        on_unreachable: Callable[[str], None] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         peers: Mapping[str, tuple[str, int]] | None = None,
@@ -324,6 +328,7 @@ class PeerTransport(Generic[T]):
         self._cluster_id = cluster_id
         self._decoder = decoder
         self._on_message = on_message
+        self._on_unreachable = on_unreachable
         self._encoder = encoder if encoder is not None else _ENCODER
         self._host = host
         self._port = port
@@ -604,6 +609,7 @@ class PeerTransport(Generic[T]):
                     peer.port,
                     conn.broken,
                 )
+                self._unreachable(peer)
             if loop.time() - conn.opened_at >= self._opts.backoff_max:
                 backoff.reset()
             else:  # a connection that dies young (e.g. our frames are refused) backs off too
@@ -668,6 +674,17 @@ class PeerTransport(Generic[T]):
             port,
             reason,
         )
+        self._unreachable(peer)
+
+    def _unreachable(self, peer: _Peer) -> None:
+        """Tell the owner that messages to ``peer`` are not getting through."""
+        if self._on_unreachable is None:
+            return
+        try:
+            self._on_unreachable(peer.member_id)
+        except Exception:
+            self._callback_errors += 1
+            logger.exception("on_unreachable failed for member %s", peer.member_id)
 
     async def _pump(self, peer: _Peer, conn: _Connection) -> None:
         writer = conn.writer
