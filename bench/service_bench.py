@@ -1023,16 +1023,18 @@ def table(
     for callers, out in ours.leader_tput.items():
         value = out["ok"] / out["elapsed"]
         theirs = peer.tput.get((BATCH, callers)) if p_ok and peer else None
-        first = callers == args.concurrency
+        # The target is PySyncObj's own measure: many requests in flight at once.
+        own_way = callers == args.high_concurrency
         add(
-            f"commits/s, {callers} proposers in the leader's process",
+            f"commits/s, {callers} proposers in the leader's process"
+            + (" (PySyncObj's own way)" if own_way else ""),
             rate(value) + (f" ({out['failed']} failed)" if out["failed"] else ""),
             "",
             rate(theirs) if theirs else "",
             "",
             ratio(value, theirs) if theirs else "",
-            ">= 25,000/s" if first else "",
-            check(value, TARGET_LEADER_TPUT, True) if first else "",
+            ">= 25,000/s" if own_way else "",
+            check(value, TARGET_LEADER_TPUT, True) if own_way else "",
         )
         nb = peer.tput.get((NO_BATCH, callers)) if p_ok and peer else None
         if nb:
