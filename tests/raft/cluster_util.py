@@ -184,6 +184,15 @@ class LocalCluster:
                         return leaders[0]
                 await asyncio.sleep(poll)
 
+    async def start_and_kill_a_follower(self) -> tuple[RaftControlPlane, str]:
+        """Start every member, wait for a leader, stop one follower abruptly; return the
+        leader and the stopped member's id."""
+        await self.start_all()
+        leader = await self.wait_leader()
+        down = next(m for m in self.ids if m != leader.node.id)
+        await self.stop(down, transfer=False)
+        return leader, down
+
     def follower(self) -> RaftControlPlane:
         """A running member that does not lead."""
         return next(cp for cp in self.members.values() if not cp.node.is_leader)

@@ -182,10 +182,7 @@ async def test_the_leader_probes_a_member_it_cannot_reach_instead_of_queueing_ap
     here, unlike the test above: the real outage alone must do)."""
     with anyio.fail_after(60):
         async with LocalCluster(tmp_path, snapshot_entries=20) as cluster:
-            await cluster.start_all()
-            leader = await cluster.wait_leader()
-            lagging = next(m for m in cluster.members if m != leader.node.id)
-            await cluster.stop(lagging, transfer=False)
+            leader, lagging = await cluster.start_and_kill_a_follower()
             core = leader.node.core
             assert core is not None
             await cluster.wait_for(
@@ -370,10 +367,7 @@ async def test_remove_the_leader_itself(tmp_path: Path) -> None:
 async def test_membership_changes_while_a_member_is_down(tmp_path: Path) -> None:
     with anyio.fail_after(60):
         async with LocalCluster(tmp_path, joining=1) as cluster:
-            await cluster.start_all()
-            leader = await cluster.wait_leader()
-            down = next(m for m in cluster.ids if m != leader.node.id)
-            await cluster.stop(down, transfer=False)
+            leader, down = await cluster.start_and_kill_a_follower()
             await write_flags(leader, "while-down", 10)
             # Add a fourth voter while the third is down: 3 of 4 are up, a quorum.
             await add_member(cluster, "cp-4")
