@@ -39,6 +39,18 @@ async def wait_until_applied(
         await asyncio.sleep(0.05)
 
 
+async def wait_logged(cluster: ProcessCluster, i: int, text: str, within: float = 30.0) -> None:
+    """Wait until member ``i`` has logged ``text`` (a line may follow what the others see)."""
+    deadline = time.monotonic() + within
+    while text not in cluster.log_text(i):
+        cluster.check_exits()
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"{cluster.members[i].id} never logged {text!r}\n{cluster.logs_tail()}"
+            )
+        await asyncio.sleep(0.05)
+
+
 async def wait_voter(client: RaftClient, member_id: str, within: float = 60.0) -> None:
     deadline = time.monotonic() + within
     while member_id not in (status := await client.status()).voters:
@@ -63,7 +75,8 @@ async def test_a_member_joins_with_serve_join_and_outlives_the_leader(
             )
             try:
                 await wait_voter(client, joiner.id)
-                assert "joined the cluster as a voter" in cluster.log_text(new)
+                # The leader counts it a voter a moment before the joiner logs it.
+                await wait_logged(cluster, new, "joined the cluster as a voter")
                 await client.set_feature_flag("before", True)
                 await wait_until_applied(cluster, new, "before")
 
@@ -101,8 +114,6 @@ async def test_sigterm_stops_a_member_still_waiting_to_join(process_cluster: Mak
         await cluster.kill(0)  # nothing answers on its client port any more
         new = cluster.add_joining_member()
         cluster.start_joining(new, via=[0])
-        while "joining" not in cluster.log_text(new):
-            cluster.check_exits()
-            await asyncio.sleep(0.05)
+        await wait_logged(cluster, new, "joining")
         assert await cluster.terminate(new, within=30.0) == 0
     assert "stopped before start-up completed" in cluster.log_text(new)
