@@ -193,9 +193,15 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Seconds without a leader before a follower campaigns (randomized up to twice this)."""
     snapshot_entries: int = 10_000
     """Take a snapshot (and compact the log) after this many applied entries (each command
-    of an entry that batches several counts)..."""
+    of an entry that batches several counts), once those entries also hold at least
+    ``snapshot_log_ratio`` times the last snapshot's bytes..."""
     snapshot_bytes: int = 64 * _MiB
     """... or once the log since the last snapshot is this big."""
+    snapshot_log_ratio: float = 1.0
+    """A snapshot costs in proportion to the state: a large state is snapshotted only once
+    the log since the last snapshot is this many times that snapshot's size (so its cost per
+    command stays flat, and a restart replays about one snapshot's worth of log); 0 counts
+    entries only."""
     fsync: bool = True
     """Sync the log before acknowledging. Turning it off loses acknowledged writes on a crash."""
     tls: TlsConfig | None = None
@@ -274,6 +280,8 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             )
         _check_min("raft.snapshot_entries", self.snapshot_entries, 1)
         _check_min("raft.snapshot_bytes", self.snapshot_bytes, 1)
+        if not 0 <= self.snapshot_log_ratio <= 1_000:  # also rejects NaN
+            _fail("raft.snapshot_log_ratio", f"must be in 0..1000, got {self.snapshot_log_ratio}")
         _check_range("raft.max_frame_bytes", self.max_frame_bytes, 64 * 1024, 2**31 - 1)
 
 

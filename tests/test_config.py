@@ -96,6 +96,7 @@ def test_defaults() -> None:
     assert raft.bootstrap and raft.fsync and raft.tls is None
     assert (raft.heartbeat_interval, raft.election_timeout) == (0.1, 1.0)
     assert (raft.snapshot_entries, raft.snapshot_bytes) == (10_000, 64 << 20)
+    assert raft.snapshot_log_ratio == 1.0
     assert raft.max_frame_bytes == 16 << 20
     assert config.k8s == K8sConfig(
         namespace="default",
@@ -360,6 +361,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"raft.election_timeout": 0.3}, "raft.election_timeout", f"3 {X} raft.heartbeat_interval"),
     ({"raft.snapshot_entries": 0}, "raft.snapshot_entries", "must be at least 1, got 0"),
     ({"raft.snapshot_bytes": 0}, "raft.snapshot_bytes", "must be at least 1, got 0"),
+    ({"raft.snapshot_log_ratio": -0.5}, "raft.snapshot_log_ratio", "must be in 0..1000"),
+    ({"raft.snapshot_log_ratio": float("nan")}, "raft.snapshot_log_ratio", "must be in 0..1000"),
     ({"raft.max_frame_bytes": 1000}, "raft.max_frame_bytes", "must be in 65536..2147483647"),
     ({"raft.fsync": "maybe"}, "raft.fsync", "expected `bool`, got `str`"),
     ({"raft.tls.cert_file": "c"}, "raft.tls.key_file", "is required"),

@@ -148,6 +148,47 @@ async def test_proposals_waiting_together_share_an_entry_each_with_its_own_resul
             assert await cp.get_cluster_state(consistent=True) == before
 
 
+async def test_snapshots_are_taken_during_a_steady_stream_of_writes(tmp_path: Path) -> None:
+    """The node loop checks the threshold after every Ready: one write after the other never
+    leaves it idle, and it used to check only when idle (the log then grew unbounded)."""
+    with anyio.fail_after(60):
+        async with RaftControlPlane(single(tmp_path / "d", snapshot_entries=10)) as cp:
+            await cp.wait_ready(10)
+            await write_some(cp, 300)
+            assert cp.node.metrics.snapshots_taken.value >= 5
+
+
+async def test_a_large_state_waits_for_its_size_of_log_before_the_next_snapshot(
+    tmp_path: Path,
+) -> None:
+    """Past ``snapshot_entries`` a snapshot is due only once the log since the last one is as
+    large as that snapshot: a large state is not encoded again after a few small writes."""
+    with anyio.fail_after(60):
+        async with RaftControlPlane(single(tmp_path / "d", snapshot_entries=10)) as cp:
+            await cp.wait_ready(10)
+            node = cp.node
+            await asyncio.gather(
+                *(cp.create_index(f"ix-{i}", {"number_of_shards": 16}) for i in range(300))
+            )
+            await wait_until(lambda: not node._snapshot_running)
+            await write_some(cp, 10)  # a snapshot of the 300 indices, if none was due yet
+            await wait_until(lambda: not node._snapshot_running)
+            taken = node.metrics.snapshots_taken.value
+            size = node._snapshot_size
+            assert taken >= 1 and size > 100_000
+
+            await write_some(cp, 100)  # 10 times snapshot_entries, a few KB of log
+            assert 0 < node._since_snapshot_bytes < size
+            assert not node._snapshot_running
+            assert node.metrics.snapshots_taken.value == taken
+
+            # Enough bytes of log (indices with ~2 KB of mappings each), and it is taken.
+            mappings = {"properties": {f"field-{j}": {"type": "keyword"} for j in range(60)}}
+            for i in range(150):
+                await cp.create_index(f"more-{i}", mappings=mappings)
+            await wait_until(lambda: node.metrics.snapshots_taken.value > taken)
+
+
 async def test_proposal_data_may_not_start_with_the_batch_mark(tmp_path: Path) -> None:
     with anyio.fail_after(30):
         async with RaftControlPlane(single(tmp_path / "d")) as cp:

@@ -204,6 +204,7 @@ class RaftControlPlane(CommandBackend):
                 election_timeout=raft.election_timeout,
                 snapshot_entries=raft.snapshot_entries,
                 snapshot_bytes=raft.snapshot_bytes,
+                snapshot_log_ratio=raft.snapshot_log_ratio,
             ),
             host=raft.listen_host,
             port=raft.listen_port,

@@ -94,9 +94,15 @@ class NodeOptions:
     """Followers campaign after a random time in [election_timeout, 2 * election_timeout)."""
     snapshot_entries: int = 10_000
     """Take a snapshot after this many entries were applied since the last one (each command
-    of a batch entry counts)..."""
+    of a batch entry counts), once their data is also ``snapshot_log_ratio`` times the last
+    snapshot's size..."""
     snapshot_bytes: int = 64 << 20
     """...or after this many bytes of entry data."""
+    snapshot_log_ratio: float = 1.0
+    """Encoding a snapshot costs in proportion to the state: with this, a large state is
+    encoded once per that much log, not every ``snapshot_entries`` whatever its size (at
+    40,000 indices, ~10 µs of each command's CPU on every member went to snapshots). 0: entry
+    count only."""
     request_timeout: float = 10.0
     """Default deadline of a proposal or a linearizable read."""
     snapshot_chunk_bytes: int = 256 << 10
@@ -288,6 +294,8 @@ class RaftNode:
         self._snapshot_running = False
         self._since_snapshot_entries = 0
         self._since_snapshot_bytes = 0
+        self._snapshot_size = 0
+        """Bytes of the last snapshot taken, installed or loaded."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
         self._leader: str | None = None
@@ -375,6 +383,7 @@ class RaftNode:
             meta, data = loaded
             self._fsm.restore(data)
             applied = self._snapshot_index = meta.index
+            self._snapshot_size = len(data)
         self._applied = applied
         self.core = RaftCore(
             self.id, self._storage, self.options.core_config(), self._rng, applied=applied
@@ -813,8 +822,9 @@ class RaftNode:
                     core.advance(rd)
                     if framing.TRACE is not None:
                         framing.TRACE("n.adv")
+                    # Here, not after the loop: a steady stream of writes keeps it going.
+                    self._maybe_snapshot(core)
                     self._feed(core)
-                self._maybe_snapshot(core)
         except Exception as exc:  # storage failed, or a bug: never carry on as if it had not
             self._fail_stop(exc)
         if self._failure is not None:
@@ -1109,10 +1119,12 @@ class RaftNode:
 
     def _maybe_snapshot(self, core: RaftCore) -> None:
         opts = self.options
-        if self._snapshot_running or (
-            self._since_snapshot_entries < opts.snapshot_entries
-            and self._since_snapshot_bytes < opts.snapshot_bytes
-        ):
+        since = self._since_snapshot_bytes
+        due = (
+            self._since_snapshot_entries >= opts.snapshot_entries
+            and since >= self._snapshot_size * opts.snapshot_log_ratio
+        ) or since >= opts.snapshot_bytes
+        if self._snapshot_running or not due:
             return
         index = self._applied
         if index <= self._snapshot_index:
@@ -1131,6 +1143,7 @@ class RaftNode:
                 self._snapshot_index = max(self._snapshot_index, meta.index)
                 self.metrics.snapshots_taken.inc()
                 self.metrics.snapshot_bytes.set(len(data))
+                self._snapshot_size = len(data)
                 _log.info("member %s: snapshot at %d (%d bytes)", self.id, meta.index, len(data))
             else:
                 _log.info(
@@ -1166,6 +1179,7 @@ class RaftNode:
         self._snapshot_index = meta.index
         self.snapshots_installed += 1
         self.metrics.snapshot_bytes.set(len(data))
+        self._snapshot_size = len(data)
         _log.info("member %s: installed snapshot at %d from %s", self.id, meta.index, source)
         for index in [i for i in self._waiters if i <= meta.index]:
             for future in self._waiters.pop(index).futures:
