@@ -8,6 +8,8 @@ given a full ``node_timeout`` from the moment tracking started (a new leader's g
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .commands import Command, RegisterNode, UnregisterNode
 from .types import ClusterState, NodeStatus
 
@@ -48,9 +50,11 @@ class Liveness:
         self._last.pop(node_id, None)
 
 
-def track_liveness(liveness: Liveness, command: Command, now: float) -> None:
-    """Keep ``liveness`` in step with an applied command: registering counts as a beat."""
+def track_liveness(liveness: Liveness, command: Command, clock: Callable[[], float]) -> None:
+    """Keep ``liveness`` in step with an applied command: registering counts as a beat.
+
+    ``clock`` is read only for the commands that need it: this runs on every apply."""
     if isinstance(command, RegisterNode):
-        liveness.beat(command.node.id, now)
+        liveness.beat(command.node.id, clock())
     elif isinstance(command, UnregisterNode):
         liveness.forget(command.node_id)

@@ -102,7 +102,7 @@ class MemoryControlPlane(CommandBackend):
         if outcome.events:
             self._hub.publish(outcome.version, outcome.events)
         if outcome.error is None:
-            _track_liveness(self._liveness, command, self._clock())
+            _track_liveness(self._liveness, command, self._clock)
         return outcome.unwrap()
 
     def _local_state(self) -> ClusterState:

@@ -965,7 +965,7 @@ class K8sControlPlane(CommandBackend):
                     await self._catch_up()
                     continue
                 await self._sync_after_write(written, deleted)
-                track_liveness(self._liveness, command, self._clock())
+                track_liveness(self._liveness, command, self._clock)
                 return self._result(command, outcome.value)
         raise ConflictError(
             f"{type(command).__name__}: the resources kept changing under this replica "

@@ -114,7 +114,7 @@ class RaftControlPlane(CommandBackend):
             # A network client's write arrives wrapped in its session (ClientCommand).
             self._liveness,
             cmd.command if isinstance(cmd, c.ClientCommand) else cmd,
-            self._clock(),
+            self._clock,
         )
         self._node: RaftNode | None = None
         self._duties: asyncio.Task[None] | None = None
