@@ -212,13 +212,8 @@ async def test_large_state_round_trips(
         assert leader is not None
         snapshots = re.findall(r"snapshot at (\d+) \((\d+) bytes\)", source.log_text(leader))
         assert len(snapshots) >= 3, f"the leader compacted its log only {len(snapshots)} times"
-        # The Appends this leader pipelined to the member while it was down wait in the
-        # leader's send queue, entries and all; with proposals batched they can cover the
-        # whole log, and would bring the member up to date without a snapshot. A new leader
-        # only probes: it finds the member below its snapshot and must send it.
-        await source.kill(leader)
-        await source.start_member(leader)
-        await source.wait_leader(TIMEOUT)
+        # The leader has probed the member since its connection failed (nothing pipelined
+        # piles up for it): on its return it is found below the snapshot and must get it.
         await source.start_member(2)
         caught_up = await _wait_version(source, 2, state.version)
         assert "installed snapshot at" in source.log_text(2), source.log_text(2)[-2000:]
