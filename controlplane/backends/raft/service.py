@@ -431,10 +431,7 @@ class _Connection:
             framing.TRACE("s.ret")
         self._backend.node.metrics.proposal_seconds.observe(time.monotonic() - since)
         try:
-            result = future.result().unwrap()
-            reply: Reply = ExecuteReply(
-                request=message.request, version=result.version, value=result.value
-            )
+            reply: Reply = _execute_reply(message.request, future.result())
         except ControlPlaneError as exc:
             reply = error_reply(message.request, exc)
         try:
@@ -451,10 +448,7 @@ class _Connection:
         if not node.is_leader:
             return None
         try:
-            command = decode_command(message.command)
-            if not isinstance(command, ClientCommand):
-                return None
-            validate(command)
+            _check_write(message.command)
         except Exception:  # the task finds it again, and answers with the error
             return None
         return node.start_proposal(message.command)
@@ -565,30 +559,16 @@ class _Connection:
         backend = self._backend
         node = backend.node
         match message:
-            case Execute(request=rid, command=data) if started is not None:
-                # Validated and proposed by _start.
-                if framing.TRACE is not None:
-                    framing.TRACE("s.call")
-                outcome = await node.propose(data, started=started)
-                if framing.TRACE is not None:
-                    framing.TRACE("s.ret")
-                result = outcome.unwrap()
-                return ExecuteReply(request=rid, version=result.version, value=result.value)
             case Execute(request=rid, command=data):
-                command = decode_command(data)
-                if not isinstance(command, ClientCommand):
-                    raise InvalidRequestError(
-                        f"a client may only execute ClientCommand, not {type(command).__name__}"
-                    )
-                validate(command)  # nothing invalid reaches the log
+                if started is None:  # else validated and proposed by _start already
+                    _check_write(data)  # nothing invalid reaches the log
                 if framing.TRACE is not None:
                     framing.TRACE("s.call")
                 # The bytes the client sent, as validated: every replica decodes them alike.
-                outcome = await node.propose(data)
+                outcome = await node.propose(data, started=started)
                 if framing.TRACE is not None:
                     framing.TRACE("s.ret")
-                result = outcome.unwrap()
-                return ExecuteReply(request=rid, version=result.version, value=result.value)
+                return _execute_reply(rid, outcome)
             case ReadIndex(request=rid):
                 await node.read_index()
                 return VersionReply(request=rid, version=self._version())
@@ -747,6 +727,22 @@ class _Connection:
                 f"{base} only, not after {since}",
             )
         )
+
+
+def _check_write(data: bytes) -> None:
+    """Raise ``InvalidRequestError`` unless ``data`` is a valid ``ClientCommand``."""
+    command = decode_command(data)
+    if not isinstance(command, ClientCommand):
+        raise InvalidRequestError(
+            f"a client may only execute ClientCommand, not {type(command).__name__}"
+        )
+    validate(command)
+
+
+def _execute_reply(request: int, outcome: Any) -> ExecuteReply:
+    """The reply to a write: its version and encoded result (raises its domain error)."""
+    result = outcome.unwrap()
+    return ExecuteReply(request=request, version=result.version, value=result.value)
 
 
 def _format_address(host: str, port: int) -> str:
