@@ -57,6 +57,7 @@ from .core import (
 )
 from .messages import Append, AppendResponse, Heartbeat, InstallSnapshot, Message
 from .records import ConfState, Entry, EntryType, SnapshotMeta
+from .snapshots import SnapshotReader
 from .storage import DiskStorage
 from .storage_thread import StorageThread, save_traced
 from .transport import PeerTransport, TransportOptions
@@ -1195,7 +1196,12 @@ class RaftNode:
     async def _send_snapshot(self, core: RaftCore, msg: InstallSnapshot) -> None:
         ok = False
         try:
-            reader = await self._in_thread(self._storage.open_snapshot)
+            opening = self._storage_thread.run(self._storage.open_snapshot)
+            try:
+                reader = await asyncio.shield(opening)
+            except asyncio.CancelledError:  # the member stops: the thread opens it anyway
+                opening.add_done_callback(_close_opened)
+                raise
             if reader is None:
                 return
             try:
@@ -1296,6 +1302,13 @@ class _Retry(Exception):
 
 class _LeaderChanged(_Retry):
     """Internal: the member a request was forwarded to stopped leading before it answered."""
+
+
+def _close_opened(opening: asyncio.Future[SnapshotReader | None]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        reader = opening.result()
+        if reader is not None:
+            reader.close()
 
 
 def _fail_pending(futures: list[asyncio.Future[tuple[int, int]]]) -> None:
