@@ -25,6 +25,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import bisect
+import weakref
 from collections.abc import Collection, Sequence
 from types import TracebackType
 from typing import Self
@@ -113,6 +114,7 @@ class WatchHub:
         "_floor",
         "_head",
         "_offset",
+        "_open",
         "_reason",
         "_reset_at",
         "_retention",
@@ -141,6 +143,7 @@ class WatchHub:
         # Futures of the watchers waiting for the next publish. Not an asyncio.Event: waking
         # N of its waiters costs O(N**2) (each removes itself from a deque).
         self._waiters: list[asyncio.Future[None]] = []
+        self._open: weakref.WeakSet[Watch] = weakref.WeakSet()
 
     @property
     def head(self) -> int:
@@ -252,7 +255,14 @@ class WatchHub:
                 oldest=self.oldest,
             )
         index = bisect.bisect_right(self._versions, since, lo=self._start)
-        return Watch(self, self._offset + index, since, wanted)
+        watch = Watch(self, self._offset + index, since, wanted)
+        self._open.add(watch)
+        return watch
+
+    @property
+    def watching(self) -> bool:
+        """Whether a watch is open (created, neither closed nor garbage-collected)."""
+        return bool(self._open)
 
     def _evict(self) -> None:
         versions, batches = self._versions, self._batches
@@ -331,6 +341,7 @@ class Watch(EventStream):
         """End the stream; idempotent."""
         if not self._closed:
             self._closed = True
+            self._hub._open.discard(self)
             if self._blocked:
                 self._hub._wake()
 

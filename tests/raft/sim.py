@@ -539,6 +539,9 @@ class SimParams:
     older term sits on a majority without one of the leader's own (Figure 8)."""
     pre_vote: bool = True
     check_quorum: bool = True
+    lazy_rate: float = 0.0
+    """Per tick, the chance that one member flips ``lazy_commit`` (a driver whose readers come
+    and go): leaders then hold back commit-only Appends to the lazy ones."""
 
     @classmethod
     def from_seed(cls, seed: int) -> SimParams:
@@ -547,6 +550,8 @@ class SimParams:
         is a Figure 8 hunt (five voters, one entry per message, leaders crashed at the worst
         moments)."""
         rng = random.Random(f"params/{seed}")
+        # Drawn apart, so that adding it left every seed's other parameters as they were.
+        lazy_rate = random.Random(f"lazy/{seed}").choice((0.0, 0.05, 0.3))
         if rng.random() < 0.1:
             return cls(
                 seed=seed,
@@ -564,6 +569,7 @@ class SimParams:
                 max_inflight_msgs=2,
                 nemesis=True,
                 check_quorum=rng.random() < 0.5,
+                lazy_rate=lazy_rate,
             )
         safe_mode = rng.random() < 0.85
         return cls(
@@ -588,6 +594,7 @@ class SimParams:
             nemesis=rng.random() < 0.2,
             pre_vote=safe_mode or rng.random() < 0.5,
             check_quorum=safe_mode or rng.random() < 0.5,
+            lazy_rate=lazy_rate,
         )
 
 
@@ -794,6 +801,10 @@ class Simulation:
             self._schedule(
                 rng.randrange(5 * TICK, 60 * TICK), "heal", incarnation=self.partition_id
             )
+        if p.lazy_rate and rng.random() < p.lazy_rate:
+            node = self.nodes[rng.choice(members)]
+            if node.core is not None:
+                node.core.lazy_commit = not node.core.lazy_commit
         self._client(rng)
 
     def _nemesis(self, rng: random.Random) -> None:

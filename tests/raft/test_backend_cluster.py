@@ -10,6 +10,8 @@ Timing is short (30 ms heart-beats, 0.3 s election timeout) and every wait is bo
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import errno
 import gc
 import os
@@ -24,6 +26,7 @@ import msgspec
 import pytest
 
 from controlplane.backends.raft.backend import RaftControlPlane, local_cluster_configs
+from controlplane.backends.raft.client import connect
 from controlplane.backends.raft.core import ConfChangeType
 from controlplane.backends.raft.framing import encode_frame
 from controlplane.backends.raft.messages import Append, TimeoutNow
@@ -199,6 +202,66 @@ async def test_the_leader_probes_a_member_it_cannot_reach_instead_of_queueing_ap
             assert dict(state.feature_flags.items()) == flags("many", 120)
             assert behind.node.snapshots_installed >= 1
             assert core.tracker.progress[lagging].state is ProgressState.REPLICATE
+
+
+async def test_only_followers_with_readers_get_each_commit_at_once(tmp_path: Path) -> None:
+    """A follower with a watch (or a client's stream) answers that it wants each commit: the
+    leader sends it an Append with the commit index alone, at once. One nobody reads from is
+    not woken up for that: the next Append carries the commit index, or after
+    ``lazy_commit_delay`` without one the leader sends it after all."""
+    with anyio.fail_after(60):
+        slow_beats = {"heartbeat_interval": 0.5, "election_timeout": 5.0}
+        async with LocalCluster(tmp_path, **slow_beats) as cluster:
+            await cluster.start_all(within=30)
+            leader = await cluster.wait_leader(within=30)
+            core = leader.node.core
+            assert core is not None
+            progress = core.tracker.progress
+            watched, idle = (cp for cp in cluster.members.values() if cp is not leader)
+            commit_only: collections.Counter[str] = collections.Counter()
+
+            def record(msg: PeerMessage) -> bool:
+                if isinstance(msg, Append) and msg.src == leader.node.id and not msg.entries:
+                    commit_only[msg.dst] += 1
+                return True
+
+            async with watched.watch(kinds={EventKind.FLAG_CHANGED}) as events:
+                await leader.set_feature_flag("warm-up", True)
+                assert (await anext(events)).key == "warm-up"
+                await cluster.wait_for(
+                    lambda: progress[idle.node.id].lazy and not progress[watched.node.id].lazy
+                )
+                leader.node.message_filter = record
+                # One write, then nothing: the delay runs out and the idle follower is told.
+                await leader.set_feature_flag("alone", True)
+                assert (await anext(events)).key == "alone"
+                await cluster.wait_for(lambda: commit_only[idle.node.id] >= 1)
+                await cluster.wait_for(lambda: "alone" in idle.fsm.machine.state.feature_flags)
+
+                # Writes one after another, with a delay longer than the test: the idle
+                # follower gets each commit index with the next write's Append.
+                options = leader.node.options
+                leader.node.options = dataclasses.replace(options, lazy_commit_delay=60.0)
+                commit_only.clear()
+                n = 20
+                for i in range(n):
+                    await leader.set_feature_flag(f"f{i}", True)
+                    assert (await anext(events)).key == f"f{i}"
+                leader.node.message_filter = None
+                leader.node.options = options
+            assert commit_only[watched.node.id] >= n
+            assert commit_only[idle.node.id] < n // 4
+            state = await cluster.wait_converged()
+            assert len(state.feature_flags) == n + 2
+
+            # A client subscribed to the idle follower makes it want each commit, until it goes.
+            host, port = idle.client_address or ("", 0)
+            client = await connect([f"{host}:{port}"])
+            try:
+                await cluster.wait_for(lambda: not progress[idle.node.id].lazy)
+            finally:
+                await client.stop()
+            await cluster.wait_for(lambda: progress[idle.node.id].lazy)
 
 
 async def test_a_local_snapshot_overtaken_by_an_installed_one_is_dropped(tmp_path: Path) -> None:

@@ -587,7 +587,10 @@ async def test_a_subscriber_behind_the_kept_commands_gets_the_state(tmp_path: Pa
                 await raw.close()
             # A new client starts from the state, then follows the commands.
             async with client_of(cluster) as client:
-                assert client.version == (await leader.get_cluster_state()).version
+                # Current with its member at start; with the leader after a consistent read
+                # (a follower may learn the last commit up to lazy_commit_delay later).
+                state = await client.get_cluster_state(consistent=True)
+                assert state.version == (await leader.get_cluster_state()).version
                 await client.set_feature_flag("through-the-client", True)
                 assert (await leader.get_cluster_state(consistent=True)).feature_flags[
                     "through-the-client"

@@ -10,6 +10,7 @@ Ongaro's dissertation ("Consensus: Bridging Theory and Practice", 2014).
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 
@@ -963,6 +964,100 @@ def test_flow_control_bounds_inflight_bytes() -> None:
     assert c.count(Append, src="a", dst="b", where=lambda m: bool(m.entries)) - before == 3
 
 
+# -- commit propagation ----------------------------------------------------------------------------
+
+
+def commit_only(m: Any) -> bool:
+    return not m.entries
+
+
+def test_commit_only_appends_are_not_answered() -> None:
+    # The commit index alone, to a member known to hold the entries: its answer would tell the
+    # leader nothing, so it is not sent (and is not missed).
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.propose("a", b"warm-up")
+    sent = c.count(Append, src="a", dst="b", where=commit_only)
+    answers = c.count(AppendResponse, src="b")
+    index = c.propose("a", b"x")
+    assert c.count(Append, src="a", dst="b", where=commit_only) == sent + 1
+    assert c.count(AppendResponse, src="b") == answers + 1  # to the Append with the entry
+    assert c.core("b").log.committed == index
+
+
+def test_a_rejected_quiet_append_is_still_answered() -> None:
+    # quiet only silences success: a follower whose log does not match still says so.
+    c = Cluster(ABC)
+    elect(c, "a")
+    index = c.propose("a", b"x")
+    term = c.core("a").term
+    b = c.nodes["b"]
+    b.deliver(Append(term, "a", "b", index + 5, term, index, (), True), None)
+    rd = b.take_ready()
+    assert rd is not None
+    answers = [m for m in rd.messages if isinstance(m, AppendResponse)]
+    assert len(answers) == 1 and answers[0].reject
+    b.finish_ready()
+
+
+def test_a_lazy_follower_learns_the_commit_from_the_next_append_or_heartbeat() -> None:
+    # A follower whose driver says nothing there waits on applies is not sent the commit index
+    # alone; the next Append (or Heartbeat) carries it. An eager one gets it at once.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.core("b").lazy_commit = True
+    c.propose("a", b"warm-up")  # b's answer tells the leader it is lazy
+    assert c.core("a").tracker.progress["b"].lazy
+    to_b = c.count(Append, src="a", dst="b", where=commit_only)
+    to_c = c.count(Append, src="a", dst="c", where=commit_only)
+    first = c.propose("a", b"x")
+    assert c.count(Append, src="a", dst="b", where=commit_only) == to_b
+    assert c.count(Append, src="a", dst="c", where=commit_only) == to_c + 1
+    assert c.core("c").log.committed == first
+    assert c.core("b").log.committed < first and c.nodes["b"].applied < first
+    second = c.propose("a", b"y")  # its Append carries the commit of the first
+    assert c.core("b").log.committed == first and c.data("b")[-1] == b"x"
+    c.tick(n=c.config.heartbeat_tick)  # and a heartbeat the rest
+    assert c.core("b").log.committed == second and c.data("b")[-1] == b"y"
+    assert c.count(Append, src="a", dst="b", where=commit_only) == to_b
+
+
+def test_broadcast_commit_tells_the_lazy_followers_too() -> None:
+    # The driver's bound on how long a lazy follower may go without the commit index.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.core("b").lazy_commit = True
+    c.propose("a", b"warm-up")
+    leader = c.core("a")
+    assert leader.holds_commit()  # b was not told that warm-up is committed...
+    c.tick(["a"], n=c.config.heartbeat_tick)
+    assert not leader.holds_commit()  # ...until a heartbeat did
+    index = c.propose("a", b"x")
+    assert leader.holds_commit() and leader.holds_commit(index)
+    assert not leader.holds_commit(index - 1)  # that one went out with x's Append
+    assert c.core("b").log.committed < index
+    leader.broadcast_commit()
+    c.settle()
+    assert c.core("b").log.committed == index and c.data("b")[-1] == b"x"
+    assert not leader.holds_commit()
+    assert not c.core("b").holds_commit()  # a follower holds nothing back
+
+
+def test_a_follower_that_stops_being_lazy_gets_the_commit_at_once() -> None:
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.core("b").lazy_commit = True
+    c.propose("a", b"warm-up")
+    index = c.propose("a", b"x")
+    assert c.core("b").log.committed < index
+    c.core("b").lazy_commit = False  # a reader appeared on b: its next answer says so
+    c.tick(n=c.config.heartbeat_tick)
+    assert not c.core("a").tracker.progress["b"].lazy
+    assert c.core("b").log.committed == index
+    again = c.propose("a", b"y")
+    assert c.core("b").log.committed == again  # eager again: the commit came on its own
+
+
 # -- messages --------------------------------------------------------------------------------------
 
 
@@ -972,9 +1067,12 @@ def test_messages_round_trip() -> None:
         VoteRequest(3, "a", "b", 10, 2, pre=True, transfer=True),
         VoteResponse(3, "b", "a", True, pre=True),
         Append(3, "a", "b", 4, 2, 3, (Entry(5, 3, EntryType.CONF_CHANGE, b"\x01"),)),
+        Append(3, "a", "b", 4, 2, 3, (), True),
         AppendResponse(3, "b", "a", 4, True, 2, 1),
+        AppendResponse(3, "b", "a", 4, lazy=True),
         Heartbeat(3, "a", "b", 4, 7),
         HeartbeatResponse(3, "b", "a", 7),
+        HeartbeatResponse(3, "b", "a", 7, True),
         InstallSnapshot(3, "a", "b", meta),
         TimeoutNow(3, "a", "b"),
         ReadIndexRequest(3, "b", "a", b"ctx"),

@@ -41,6 +41,7 @@ def test_seed_mix_covers_the_features() -> None:
     assert sum(p.snapshot_every > 0 for p in params) >= 50
     assert sum(p.nemesis for p in params) >= 20
     assert sum(not p.pre_vote for p in params) >= 5
+    assert sum(p.lazy_rate > 0 for p in params) >= 100
 
 
 def test_simulation_is_deterministic() -> None:

@@ -213,8 +213,14 @@ class RaftControlPlane(CommandBackend):
             client_ssl=client_context(tls) if tls else None,
             on_role_change=self._role_changed,
             on_notice=self._heartbeats_received,
+            consumers=self._consumed,
             advertise_address=raft.advertise_address,
         )
+
+    def _consumed(self) -> bool:
+        """Whether anything reads this member's applied commands as they come."""
+        service = self._service
+        return self._hub.watching or (service is not None and service.subscriptions > 0)
 
     async def wait_ready(self, within: float = 30.0) -> None:
         """Wait until a leader is known and this member applied everything committed so far."""

@@ -211,6 +211,12 @@ class RaftCore:
         self.reads = ReadIndexQueue()
         self._needs_flush = False
         self._outstanding = False
+        self.lazy_commit = False
+        """Set by the driver: True while nothing on this member waits for entries to apply
+        (no reader, watcher or proposer). Its answers then tell the leader that a newer commit
+        index may wait for the next Append (or the leader's :meth:`broadcast_commit`) instead
+        of coming alone."""
+        self._commit_all = False
         self._become_follower(self.term, None)
         self._prev_hs = HardState(self.term, self.vote, log.committed)
         self._durable_term = hs.term
@@ -410,6 +416,20 @@ class RaftCore:
         # Wait for the member's answer (or the next heartbeat answer) before probing.
         pr.probe_sent = True
 
+    def holds_commit(self, index: int | None = None) -> bool:
+        """On a leader: whether a lazy follower was not sent the commit index yet (up to
+        ``index``, if given). The driver bounds how long that lasts with
+        :meth:`broadcast_commit`."""
+        if self.role is not Role.LEADER:
+            return False
+        return self.tracker.holds_commit(self.log.committed if index is None else index)
+
+    def broadcast_commit(self) -> None:
+        """On a leader: send the commit index to every member that lacks it, lazy ones too."""
+        if self.role is Role.LEADER:
+            self._commit_all = True
+            self._needs_flush = True
+
     def report_unreachable(self, to: str) -> None:
         """The transport could not deliver to ``to``: stop pipelining, probe instead."""
         pr = self.tracker.progress.get(to)
@@ -561,6 +581,7 @@ class RaftCore:
         self._uncommitted.clear()
         self._uncommitted_size = 0
         self.reads.reset()
+        self._commit_all = False
 
     def _become_follower(self, term: int, lead: str | None) -> None:
         self._reset(term)
@@ -662,7 +683,9 @@ class RaftCore:
             self.lead = msg.src
             log = self.log
             log.commit_to(min(msg.commit, log.last_index()))
-            self.msgs.append(HeartbeatResponse(self.term, self.id, msg.src, msg.read_seq))
+            self.msgs.append(
+                HeartbeatResponse(self.term, self.id, msg.src, msg.read_seq, self.lazy_commit)
+            )
         elif isinstance(msg, InstallSnapshot):
             self.election_elapsed = 0
             self.lead = msg.src
@@ -692,7 +715,7 @@ class RaftCore:
             # so only the part after it can be new.
             skip = committed - prev_index
             if skip >= len(entries):
-                self.msgs.append(AppendResponse(self.term, self.id, msg.src, committed))
+                self._answer_append(msg.src, committed)
                 return
             prev_index, prev_term = committed, entries[skip - 1].term
             entries = entries[skip:]
@@ -704,14 +727,27 @@ class RaftCore:
                     raise AssertionError(f"entry {conflict} conflicts with a committed entry")
                 self._append(entries[conflict - prev_index - 1 :])
             log.commit_to(min(msg.commit, last_new))
-            self.msgs.append(AppendResponse(self.term, self.id, msg.src, last_new))
+            if not msg.quiet:
+                self._answer_append(msg.src, last_new)
             return
         hint_index, hint_term = log.find_conflict_by_term(
             min(prev_index, log.last_index()), prev_term
         )
         self.msgs.append(
-            AppendResponse(self.term, self.id, msg.src, msg.prev_index, True, hint_index, hint_term)
+            AppendResponse(
+                self.term,
+                self.id,
+                msg.src,
+                msg.prev_index,
+                True,
+                hint_index,
+                hint_term,
+                self.lazy_commit,
+            )
         )
+
+    def _answer_append(self, to: str, index: int) -> None:
+        self.msgs.append(AppendResponse(self.term, self.id, to, index, lazy=self.lazy_commit))
 
     def _handle_snapshot(self, msg: InstallSnapshot) -> None:
         log = self.log
@@ -728,7 +764,7 @@ class RaftCore:
             self._confs.clear()
             self._set_conf(meta.conf)
             index = meta.index
-        self.msgs.append(AppendResponse(self.term, self.id, msg.src, index))
+        self._answer_append(msg.src, index)
 
     def _step_leader(self, msg: Message) -> None:
         if isinstance(msg, AppendResponse):
@@ -738,6 +774,7 @@ class RaftCore:
             if pr is None:
                 return
             pr.recent_active = True
+            pr.lazy = msg.lazy
             pr.probe_sent = False
             if pr.state is ProgressState.REPLICATE and pr.inflights.full():
                 pr.inflights.free_first_one()  # a lost Append must not stall the pipeline
@@ -754,6 +791,7 @@ class RaftCore:
         if pr is None:
             return
         pr.recent_active = True
+        pr.lazy = msg.lazy
         self._needs_flush = True
         if msg.reject:
             hint_next = msg.index
@@ -830,7 +868,8 @@ class RaftCore:
         if self.reads.round_due:
             self.reads.round_due = False
             self.tracker.send_heartbeats(self.term, self.reads.seq, self.msgs)
-        self.tracker.send_appends(self.term, self.msgs)
+        self.tracker.send_appends(self.term, self.msgs, lazy_too=self._commit_all)
+        self._commit_all = False
 
     def _leader_read(self, ctx: bytes, origin: str) -> None:
         if not self._committed_in_term():

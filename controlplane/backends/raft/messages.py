@@ -82,6 +82,9 @@ class Append(BaseMessage, frozen=True, tag=3):
     prev_term: int
     commit: int
     entries: tuple[Entry, ...] = ()
+    quiet: bool = False
+    """Only a newer commit index, for a member known to hold every entry up to
+    ``prev_index``: success is not answered (the answer would tell the leader nothing)."""
 
 
 class AppendResponse(BaseMessage, frozen=True, tag=4):
@@ -98,6 +101,9 @@ class AppendResponse(BaseMessage, frozen=True, tag=4):
     reject: bool = False
     hint_index: int = 0
     hint_term: int = 0
+    lazy: bool = False
+    """Nothing on the follower waits for entries to apply: a newer commit index may wait for
+    the next Append or Heartbeat instead of coming alone."""
 
 
 class Heartbeat(BaseMessage, frozen=True, tag=5):
@@ -112,6 +118,8 @@ class HeartbeatResponse(BaseMessage, frozen=True, tag=6):
     """A follower's answer to a :class:`Heartbeat`."""
 
     read_seq: int = 0
+    lazy: bool = False
+    """As in :class:`AppendResponse`."""
 
 
 class InstallSnapshot(BaseMessage, frozen=True, tag=7):

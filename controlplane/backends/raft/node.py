@@ -110,6 +110,10 @@ class NodeOptions:
     max_uncommitted_bytes: int = 64 << 20
     pre_vote: bool = True
     check_quorum: bool = True
+    lazy_commit_delay: float = 0.002
+    """The longest a leader holds a commit index back from a follower that said nothing there
+    waits for it (see the ``consumers`` of :class:`RaftNode`): under load the next Append
+    carries it sooner; after the last write, this bounds how stale that follower's state is."""
 
     def core_config(self) -> CoreConfig:
         """The core's configuration in ticks."""
@@ -204,7 +208,12 @@ class RaftNode:
     with :meth:`set_peer`. ``on_role_change(leader_id, is_leader)`` is called on the loop when
     the known leader changes; ``on_notice(payload)`` is called on the leader for each
     :meth:`notify_leader` payload. ``advertise_address`` (``host:port``) is where the other
-    members reach this one; by default the listen host and the bound port.
+    members reach this one; by default the listen host and the bound port. ``consumers()``
+    says whether anything reads this member's applied entries as they come (watches, clients'
+    streams); given it, a follower with no consumer and no request of its own waiting lets
+    the leader hold back commit-only Appends (``RaftCore.lazy_commit``) for up to
+    ``options.lazy_commit_delay``, so that followers nobody reads from are not woken up once
+    per commit: under a stream of writes the next Append carries the commit index.
 
     Peer addresses follow one rule. Addresses set locally -- ``peers`` and :meth:`set_peer`
     -- always win: they may route traffic through a proxy (the process tests' fault proxies)
@@ -234,6 +243,7 @@ class RaftNode:
         on_notice: Callable[[bytes], None] | None = None,
         rng: random.Random | None = None,
         advertise_address: str | None = None,
+        consumers: Callable[[], bool] | None = None,
     ) -> None:
         self.id = member_id
         self.cluster_id = cluster_id
@@ -243,6 +253,7 @@ class RaftNode:
         self._rng = rng or random.Random()
         self._on_role_change = on_role_change
         self._on_notice = on_notice
+        self._consumers = consumers
         self._storage_thread = StorageThread(f"raft-{member_id}-storage")
         if advertise_address is not None:
             parse_address(advertise_address)
@@ -285,6 +296,7 @@ class RaftNode:
         (``_expire``) instead of an ``asyncio.timeout`` per proposal."""
         self._deadline_seq = itertools.count()
         self._deadline_timer: asyncio.TimerHandle | None = None
+        self._commit_timer: asyncio.TimerHandle | None = None
         self._read_ids = itertools.count(1)
         self._incoming: dict[str, tuple[SnapshotMeta, bytearray]] = {}
         self._ready_snapshots: dict[str, tuple[SnapshotMeta, bytes]] = {}
@@ -431,9 +443,10 @@ class RaftNode:
         await self.transport.close()
         self._set_soft_state(None, Role.FOLLOWER)
         self._fail_all(ClosedError("the Raft member was stopped"))
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
+        for timer in (self._deadline_timer, self._commit_timer):
+            if timer is not None:
+                timer.cancel()
+        self._deadline_timer = self._commit_timer = None
         self._deadlines.clear()
         await self._in_thread(self._storage.close)
         self._storage_thread.shutdown()
@@ -826,6 +839,8 @@ class RaftNode:
                     # Here, not after the loop: a steady stream of writes keeps it going.
                     self._maybe_snapshot(core)
                     self._feed(core)
+                if self._commit_timer is None and core.holds_commit():
+                    self._arm_commit_timer(core)
         except Exception as exc:  # storage failed, or a bug: never carry on as if it had not
             self._fail_stop(exc)
         if self._failure is not None:
@@ -833,6 +848,22 @@ class RaftNode:
             # (and nothing queues up for it); stop() releases the rest. Shielded: a stop()
             # that cancels this task waits for the same close to finish.
             await asyncio.shield(self.transport.close())
+
+    def _arm_commit_timer(self, core: RaftCore) -> None:
+        self._commit_timer = asyncio.get_running_loop().call_later(
+            self.options.lazy_commit_delay, self._broadcast_commit, core.log.committed
+        )
+
+    def _broadcast_commit(self, index: int) -> None:
+        self._commit_timer = None
+        core = self.core
+        if core is None:
+            return
+        if core.holds_commit(index):
+            core.broadcast_commit()
+            self._wake.set()
+        elif core.holds_commit():  # an Append carried ``index``; a newer one waits its turn
+            self._arm_commit_timer(core)
 
     def _fail_stop(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -856,6 +887,14 @@ class RaftNode:
         for _ in range(self._ticks):
             core.tick()
         self._ticks = 0
+        if self._consumers is not None:
+            core.lazy_commit = not (
+                self._waiters
+                or self._forwarded
+                or self._read_waiters
+                or self._applied_waiters
+                or self._consumers()
+            )
         if self._unreachable:
             for member_id in self._unreachable:
                 core.report_unreachable(member_id)

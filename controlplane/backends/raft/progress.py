@@ -109,6 +109,7 @@ class Progress:
 
     __slots__ = (
         "inflights",
+        "lazy",
         "match",
         "next",
         "pending_snapshot",
@@ -132,6 +133,8 @@ class Progress:
         """The highest commit index this member can have learned from what was sent."""
         self.want_send = False
         """Send an Append even if it carries no entries (lost-message recovery)."""
+        self.lazy = False
+        """The member's last answer said nothing there waits on a newer commit index."""
         self.inflights = inflights
 
     def __repr__(self) -> str:
@@ -323,17 +326,36 @@ class ProgressTracker:
 
     # -- what a leader sends ----------------------------------------------------------------------
 
-    def send_appends(self, term: int, out: list[Message]) -> None:
+    def send_appends(self, term: int, out: list[Message], *, lazy_too: bool = False) -> None:
         """Append to ``out`` what each member is missing, within its flow-control limits: new
-        entries, or an empty Append to carry a newer commit index or to probe."""
+        entries, or an empty Append to carry a newer commit index or to probe. A lazy member
+        in sync gets no Append for a commit index alone unless ``lazy_too``."""
         last = self.log.last_index()
         committed = self.log.committed
         for member, pr in self.progress.items():
             if member == self.self_id:
                 continue
-            want_empty = pr.want_send or pr.sent_commit < min(committed, pr.next - 1)
+            # A lazy member in sync learns a newer commit index from the next Append (or from
+            # the driver's broadcast): an Append for it alone would wake it up to apply what
+            # nobody there waits for.
+            commit_due = pr.sent_commit < min(committed, pr.next - 1) and (
+                lazy_too or not self._holds_back(pr)
+            )
+            want_empty = pr.want_send or commit_due
             pr.want_send = False
             self._send_append(member, pr, term, last, want_empty=want_empty, out=out)
+
+    def holds_commit(self, index: int) -> bool:
+        """Whether a lazy member was not sent a commit index up to ``index`` yet."""
+        return any(
+            self._holds_back(pr) and pr.sent_commit < min(index, pr.next - 1)
+            for member, pr in self.progress.items()
+            if member != self.self_id
+        )
+
+    @staticmethod
+    def _holds_back(pr: Progress) -> bool:
+        return pr.lazy and pr.state is ProgressState.REPLICATE
 
     def _send_append(
         self, to: str, pr: Progress, term: int, last: int, *, want_empty: bool, out: list[Message]
@@ -350,14 +372,20 @@ class ProgressTracker:
                 self._send_snapshot(to, pr, term, out)
                 return
             commit = log.committed
-            out.append(
-                Append(term, self.self_id, to, next_index - 1, prev_term, commit, tuple(entries))
-            )
             if not entries:
+                # Carrying only the commit index to a member known to hold the entries: its
+                # answer would change nothing here, and costs a message each way per commit.
+                quiet = pr.state is ProgressState.REPLICATE and pr.match >= next_index - 1
+                out.append(
+                    Append(term, self.self_id, to, next_index - 1, prev_term, commit, (), quiet)
+                )
                 pr.sent_commit = max(pr.sent_commit, min(commit, next_index - 1))
                 if pr.state is ProgressState.PROBE:
                     pr.probe_sent = True
                 return
+            out.append(
+                Append(term, self.self_id, to, next_index - 1, prev_term, commit, tuple(entries))
+            )
             sent_last = entries[-1].index
             pr.sent_commit = max(pr.sent_commit, min(commit, sent_last))
             if pr.state is not ProgressState.REPLICATE:
@@ -380,9 +408,9 @@ class ProgressTracker:
         for member, pr in self.progress.items():
             if member != self.self_id:
                 # Never a commit index beyond what the member is known to hold.
-                out.append(
-                    Heartbeat(term, self.self_id, member, min(pr.match, committed), read_seq)
-                )
+                commit = min(pr.match, committed)
+                out.append(Heartbeat(term, self.self_id, member, commit, read_seq))
+                pr.sent_commit = max(pr.sent_commit, commit)
 
 
 class ReadIndexQueue:

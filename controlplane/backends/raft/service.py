@@ -140,6 +140,8 @@ class ClientService:
         self._unserved: set[asyncio.StreamWriter] = set()
         self._accepted: weakref.WeakSet[asyncio.StreamWriter] = weakref.WeakSet()
         self._closing = False
+        self.subscriptions = 0
+        """Clients subscribed to this member's stream of commands now."""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -668,6 +670,7 @@ class _Connection:
     # --- the subscription -----------------------------------------------------------------
 
     async def _subscription(self, sub: Subscribe) -> None:
+        self._service.subscriptions += 1
         try:
             await self._stream_commands(sub)
         except _ConnectionGone:
@@ -678,6 +681,8 @@ class _Connection:
                 await self._send(
                     ErrorReply(request=sub.request, code="internal", message=f"stream: {exc}")
                 )
+        finally:
+            self._service.subscriptions -= 1
 
     async def _stream_commands(self, sub: Subscribe) -> None:
         fsm = self._backend.fsm
