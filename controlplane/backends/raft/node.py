@@ -1009,9 +1009,16 @@ class RaftNode:
         if trace is not None and last:
             trace("n.rd", last)
         persist = bool(rd.entries or rd.must_sync)
-        # Committed entries are durable here already (the core's contract): they are applied
-        # before this Ready's own write completes, never after it.
-        apply_early = rd.snapshot is None and bool(rd.committed_entries)
+        # Committed entries are durable here already (the core's contract), so they need not
+        # wait for this Ready's own write. A leader applies them while its storage thread
+        # writes: that answers its proposers. A follower applies them after its answer has
+        # gone out: applying first would hold the GIL its storage thread needs to start the
+        # write, and the leader waits for that answer.
+        apply_early = (
+            rd.snapshot is None
+            and bool(rd.committed_entries)
+            and (not persist or core.role is Role.LEADER)
+        )
         if apply_early and not persist:
             # Nothing to make durable (the leader learnt of a commit): apply first, and let
             # the proposers this answered reply before the messages (the commit's broadcast)
