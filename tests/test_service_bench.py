@@ -38,3 +38,29 @@ def test_quick_run_prints_the_table(tmp_path: Path) -> None:
     for row in ("create_index, one client", "failover: SIGKILL leader", "watch delivery"):
         assert row in done.stdout
     assert list(tmp_path.iterdir()) == []  # its data directories are removed
+
+
+@pytest.mark.slow
+def test_ab_compares_two_checkouts() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "ab.py"),
+            str(ROOT),
+            str(ROOT),
+            "--pairs",
+            "1",
+            "-n",
+            "150",
+            "--nodes",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(f"| {ROOT} |")]
+    assert len(rows) == 2  # one per checkout given, each with its run and median
+    assert all(row.endswith(" |") and "1.000" in rows[0] for row in rows)
