@@ -48,6 +48,13 @@ def assert_no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]
     assert not errors, errors
 
 
+def client_address(cp: RaftControlPlane) -> str:
+    """``host:port`` of a running member's client API."""
+    address = cp.client_address
+    assert address is not None
+    return f"{address[0]}:{address[1]}"
+
+
 class LocalCluster:
     """``n`` members in this process; use as ``async with LocalCluster(tmp_path) as c:``.
 

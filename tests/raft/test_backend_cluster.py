@@ -45,7 +45,7 @@ from controlplane.errors import (
 )
 from controlplane.types import EventKind
 
-from .cluster_util import LocalCluster, assert_no_asyncio_errors
+from .cluster_util import LocalCluster, assert_no_asyncio_errors, client_address
 
 pytestmark = pytest.mark.anyio
 
@@ -255,8 +255,7 @@ async def test_only_followers_with_readers_get_each_commit_at_once(tmp_path: Pat
             assert len(state.feature_flags) == n + 2
 
             # A client subscribed to the idle follower makes it want each commit, until it goes.
-            host, port = idle.client_address or ("", 0)
-            client = await connect([f"{host}:{port}"])
+            client = await connect([client_address(idle)])
             try:
                 await cluster.wait_for(lambda: not progress[idle.node.id].lazy)
             finally:

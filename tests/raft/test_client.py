@@ -24,7 +24,6 @@ import msgspec
 import pytest
 
 from controlplane.backends.raft import service as service_module
-from controlplane.backends.raft.backend import RaftControlPlane
 from controlplane.backends.raft.client import RaftClient, connect
 from controlplane.backends.raft.framing import encode_frame, read_frame
 from controlplane.backends.raft.service import ClientService
@@ -62,7 +61,7 @@ from controlplane.errors import (
 from controlplane.types import ClusterEvent, EventKind, Index, Node, NodeStatus
 from controlplane.watch import EventStream
 
-from .cluster_util import LocalCluster, assert_no_asyncio_errors
+from .cluster_util import LocalCluster, assert_no_asyncio_errors, client_address
 
 pytestmark = pytest.mark.anyio
 
@@ -89,12 +88,6 @@ def _no_asyncio_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def client_address(cp: RaftControlPlane) -> str:
-    address = cp.client_address
-    assert address is not None
-    return f"{address[0]}:{address[1]}"
 
 
 def addresses(cluster: LocalCluster) -> list[str]:

@@ -31,7 +31,7 @@ from controlplane.backends.raft.storage import DiskStorage
 from controlplane.config import Config, RaftConfig
 from controlplane.testing.raft_harness import RaftHarness
 
-from .cluster_util import LocalCluster, assert_no_asyncio_errors
+from .cluster_util import LocalCluster, assert_no_asyncio_errors, client_address
 from .sim import Cluster
 
 pytestmark = pytest.mark.anyio
@@ -187,12 +187,7 @@ def joiner_config(data_dir: Path, member: str, join: list[str], **raft: Any) -> 
 
 
 def client_addresses(members: list[RaftControlPlane]) -> list[str]:
-    out = []
-    for cp in members:
-        assert cp.client_address is not None
-        host, port = cp.client_address
-        out.append(f"{host}:{port}")
-    return out
+    return [client_address(cp) for cp in members]
 
 
 @contextlib.asynccontextmanager
