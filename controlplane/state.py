@@ -677,10 +677,11 @@ class StateMachine:
             return SessionResult(version=self._state.version, value=encode_value(value))
         result = SessionResult(version=self._version, value=encode_value(value))
         acked = max(session.acked, cmd.ack)
-        results = session.results.copy()  # a copy: the previous state keeps its own dict
+        # A new dict: the previous state keeps its own.
         if acked > session.acked:  # every kept seq is above session.acked: some may go now
-            for seq in [seq for seq in results if seq <= acked]:
-                del results[seq]
+            results = {seq: kept for seq, kept in session.results.items() if seq > acked}
+        else:
+            results = session.results.copy()
         results[cmd.seq] = result
         while len(results) > self.MAX_SESSION_RESULTS:
             acked = min(results)

@@ -461,14 +461,20 @@ class RaftClient(CommandBackend):
             self._seq += 1
             seq = self._seq
             try:
-                if len(self._wrap(seq, command)) + _ENVELOPE > self._max_frame:
+                wrapped = (self._acked, self._wrap(seq, command))
+                if len(wrapped[1]) + _ENVELOPE > self._max_frame:
                     raise InvalidRequestError(
                         f"the {type(command).__name__} command is larger than the maximum "
                         f"frame size of {self._max_frame} bytes"
                     )
-                reply = await self._call(
-                    lambda rid: Execute(request=rid, command=self._wrap(seq, command)), deadline
-                )
+
+                def make(rid: int) -> Execute:
+                    nonlocal wrapped
+                    if wrapped[0] != self._acked:  # a retry: acknowledge what is known now
+                        wrapped = (self._acked, self._wrap(seq, command))
+                    return Execute(request=rid, command=wrapped[1])
+
+                reply = await self._call(make, deadline)
             finally:
                 self._finish(seq)
         if not isinstance(reply, ExecuteReply):
