@@ -202,6 +202,12 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     the log since the last snapshot is this many times that snapshot's size (so its cost per
     command stays flat, and a restart replays about one snapshot's worth of log); 0 counts
     entries only."""
+    lazy_commit_delay: float = 0.002
+    """Seconds the leader may hold back a new commit index from an up-to-date follower that
+    nothing reads from (no watch, client stream, write or read waits on it): the next Append
+    carries it, or after this delay a message with the commit index alone. Followers that
+    something reads from are told at once. 0: tell every follower in the next loop iteration.
+    At most ``heartbeat_interval`` (heart-beats carry the commit index anyway)."""
     fsync: bool = True
     """Sync the log before acknowledging. Turning it off loses acknowledged writes on a crash."""
     tls: TlsConfig | None = None
@@ -277,6 +283,12 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
                 "raft.election_timeout",
                 "must be greater than 3 × raft.heartbeat_interval "  # noqa: RUF001
                 f"({self.heartbeat_interval}), got {self.election_timeout}",
+            )
+        if not 0 <= self.lazy_commit_delay <= self.heartbeat_interval:  # also rejects NaN
+            _fail(
+                "raft.lazy_commit_delay",
+                f"must be in 0..raft.heartbeat_interval ({self.heartbeat_interval}), "
+                f"got {self.lazy_commit_delay}",
             )
         _check_min("raft.snapshot_entries", self.snapshot_entries, 1)
         _check_min("raft.snapshot_bytes", self.snapshot_bytes, 1)

@@ -97,6 +97,7 @@ def test_defaults() -> None:
     assert (raft.heartbeat_interval, raft.election_timeout) == (0.1, 1.0)
     assert (raft.snapshot_entries, raft.snapshot_bytes) == (10_000, 64 << 20)
     assert raft.snapshot_log_ratio == 1.0
+    assert raft.lazy_commit_delay == 0.002
     assert raft.max_frame_bytes == 16 << 20
     assert config.k8s == K8sConfig(
         namespace="default",
@@ -359,6 +360,8 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     ({"raft.heartbeat_interval": 0}, "raft.heartbeat_interval", "must be greater than 0"),
     ({"raft.heartbeat_interval": "nan"}, "raft.heartbeat_interval", "must be greater than 0"),
     ({"raft.election_timeout": 0.3}, "raft.election_timeout", f"3 {X} raft.heartbeat_interval"),
+    ({"raft.lazy_commit_delay": -1}, "raft.lazy_commit_delay", "must be in 0..raft.heartbeat"),
+    ({"raft.lazy_commit_delay": 0.2}, "raft.lazy_commit_delay", "(0.1), got 0.2"),
     ({"raft.snapshot_entries": 0}, "raft.snapshot_entries", "must be at least 1, got 0"),
     ({"raft.snapshot_bytes": 0}, "raft.snapshot_bytes", "must be at least 1, got 0"),
     ({"raft.snapshot_log_ratio": -0.5}, "raft.snapshot_log_ratio", "must be in 0..1000"),

@@ -211,9 +211,10 @@ async def test_only_followers_with_readers_get_each_commit_at_once(tmp_path: Pat
     ``lazy_commit_delay`` without one the leader sends it after all."""
     with anyio.fail_after(60):
         slow_beats = {"heartbeat_interval": 0.5, "election_timeout": 5.0}
-        async with LocalCluster(tmp_path, **slow_beats) as cluster:
+        async with LocalCluster(tmp_path, **slow_beats, lazy_commit_delay=0.003) as cluster:
             await cluster.start_all(within=30)
             leader = await cluster.wait_leader(within=30)
+            assert leader.node.options.lazy_commit_delay == 0.003  # raft.lazy_commit_delay
             core = leader.node.core
             assert core is not None
             progress = core.tracker.progress

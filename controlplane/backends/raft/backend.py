@@ -205,6 +205,7 @@ class RaftControlPlane(CommandBackend):
                 snapshot_entries=raft.snapshot_entries,
                 snapshot_bytes=raft.snapshot_bytes,
                 snapshot_log_ratio=raft.snapshot_log_ratio,
+                lazy_commit_delay=raft.lazy_commit_delay,
             ),
             host=raft.listen_host,
             port=raft.listen_port,
