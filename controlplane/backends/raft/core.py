@@ -457,7 +457,7 @@ class RaftCore:
             if isinstance(msg, (Append, Heartbeat)):
                 # A deposed leader (or one on the wrong side of a healed partition) learns the
                 # new term from the answer and steps down.
-                self.msgs.append(AppendResponse(self.term, self.id, msg.src, 0, True))
+                self.msgs.append(AppendResponse(self.term, self.id, msg.src, 0, reject=True))
             elif isinstance(msg, VoteRequest) and msg.pre:
                 self.msgs.append(VoteResponse(self.term, self.id, msg.src, False, True))
             return
@@ -739,10 +739,10 @@ class RaftCore:
                 self.id,
                 msg.src,
                 msg.prev_index,
-                True,
-                hint_index,
-                hint_term,
-                self.lazy_commit,
+                reject=True,
+                hint_index=hint_index,
+                hint_term=hint_term,
+                lazy=self.lazy_commit,
             )
         )
 
