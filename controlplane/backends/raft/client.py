@@ -461,18 +461,18 @@ class RaftClient(CommandBackend):
             self._seq += 1
             seq = self._seq
             try:
-                wrapped = (self._acked, self._wrap(seq, command))
-                if len(wrapped[1]) + _ENVELOPE > self._max_frame:
+                acked, data = self._acked, self._wrap(seq, command)
+                if len(data) + _ENVELOPE > self._max_frame:
                     raise InvalidRequestError(
                         f"the {type(command).__name__} command is larger than the maximum "
                         f"frame size of {self._max_frame} bytes"
                     )
 
                 def make(rid: int) -> Execute:
-                    nonlocal wrapped
-                    if wrapped[0] != self._acked:  # a retry: acknowledge what is known now
-                        wrapped = (self._acked, self._wrap(seq, command))
-                    return Execute(request=rid, command=wrapped[1])
+                    nonlocal acked, data
+                    if acked != self._acked:  # a retry: acknowledge what is known now
+                        acked, data = self._acked, self._wrap(seq, command)
+                    return Execute(request=rid, command=data)
 
                 reply = await self._call(make, deadline)
             finally:
