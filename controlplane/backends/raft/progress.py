@@ -338,7 +338,7 @@ class ProgressTracker:
             # A lazy member in sync learns a newer commit index from the next Append (or from
             # the driver's broadcast): an Append for it alone would wake it up to apply what
             # nobody there waits for.
-            commit_due = pr.sent_commit < min(committed, pr.next - 1) and (
+            commit_due = self._lacks_commit(pr, committed) and (
                 lazy_too or not self._holds_back(pr)
             )
             want_empty = pr.want_send or commit_due
@@ -348,7 +348,7 @@ class ProgressTracker:
     def holds_commit(self, index: int) -> bool:
         """Whether a lazy member was not sent a commit index up to ``index`` yet."""
         return any(
-            self._holds_back(pr) and pr.sent_commit < min(index, pr.next - 1)
+            self._holds_back(pr) and self._lacks_commit(pr, index)
             for member, pr in self.progress.items()
             if member != self.self_id
         )
@@ -356,6 +356,12 @@ class ProgressTracker:
     @staticmethod
     def _holds_back(pr: Progress) -> bool:
         return pr.lazy and pr.state is ProgressState.REPLICATE
+
+    @staticmethod
+    def _lacks_commit(pr: Progress, index: int) -> bool:
+        """Whether the member was not sent a commit index up to ``index`` (as far as the
+        entries it is known or assumed to hold go)."""
+        return pr.sent_commit < min(index, pr.next - 1)
 
     def _send_append(
         self, to: str, pr: Progress, term: int, last: int, *, want_empty: bool, out: list[Message]
@@ -372,22 +378,22 @@ class ProgressTracker:
                 self._send_snapshot(to, pr, term, out)
                 return
             commit = log.committed
-            if not entries:
-                # Carrying only the commit index to a member known to hold the entries: its
-                # answer would change nothing here, and costs a message each way per commit.
-                quiet = pr.state is ProgressState.REPLICATE and pr.match >= next_index - 1
-                out.append(
-                    Append(term, self.self_id, to, next_index - 1, prev_term, commit, (), quiet)
+            # Carrying only the commit index to a member known to hold the entries: its answer
+            # would change nothing here, and costs a message each way per commit.
+            quiet = (
+                not entries and pr.state is ProgressState.REPLICATE and pr.match >= next_index - 1
+            )
+            out.append(
+                Append(
+                    term, self.self_id, to, next_index - 1, prev_term, commit, tuple(entries), quiet
                 )
-                pr.sent_commit = max(pr.sent_commit, min(commit, next_index - 1))
+            )
+            sent_last = entries[-1].index if entries else next_index - 1
+            pr.sent_commit = max(pr.sent_commit, min(commit, sent_last))
+            if not entries:
                 if pr.state is ProgressState.PROBE:
                     pr.probe_sent = True
                 return
-            out.append(
-                Append(term, self.self_id, to, next_index - 1, prev_term, commit, tuple(entries))
-            )
-            sent_last = entries[-1].index
-            pr.sent_commit = max(pr.sent_commit, min(commit, sent_last))
             if pr.state is not ProgressState.REPLICATE:
                 pr.probe_sent = True
                 return
