@@ -12,7 +12,7 @@ median per checkout. The members and the load generator of a run both import tha
 checkout's code (``PYTHONPATH``), and so does its ``bench/service_bench.py``.
 
 - latency: ``--nodes`` nodes registered, then ``-n`` create_index through one client, each
-  awaited before the next; p50 and p90.
+  awaited before the next; p50 and p90. ``--write-only``: that client holds no replica.
 - ``--throughput``: ``--nodes`` nodes and 1,000 indices first, then 64 callers over 4
   write-only clients for ``--seconds``; writes/s and each process's CPU per write.
 """
@@ -49,6 +49,9 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
             await one.set_cluster_config(msgspec.structs.replace(config, node_timeout=3600.0))
             await sb.sequential(sb.our_call([one], "register_node", "n"), args.nodes, 10)
             if not args.throughput:
+                if args.write_only:
+                    await one.stop()
+                    one = await connect([address], cluster_id=sb.CLUSTER_ID, replica=False)
                 call = sb.our_call([one], "create_index", "x")
                 times = sorted(await sb.sequential(call, args.n, 100))
                 await one.stop()
@@ -85,6 +88,7 @@ def main() -> None:
     parser.add_argument("roots", nargs="*", type=Path, help="checkouts to compare")
     parser.add_argument("--pairs", type=int, default=4, help="runs of each checkout")
     parser.add_argument("--throughput", action="store_true", help="64 callers, not 1 client")
+    parser.add_argument("--write-only", action="store_true", help="the one client holds no replica")
     parser.add_argument("-n", type=int, default=1000, help="sequential writes per run")
     parser.add_argument("--nodes", type=int, default=1000, help="nodes registered first")
     parser.add_argument("--seconds", type=float, default=5.0, help="throughput run length")

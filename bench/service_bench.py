@@ -16,7 +16,10 @@ the load generator: it talks to the members through ``RaftClient`` only. Measure
 
 1. write latency p50/p99 from one client, each write awaited before the next:
    ``register_node`` (1 h ``node_timeout`` first: these nodes never heart-beat), then
-   ``create_index`` (its shards are placed on those nodes), ``acquire_lock``;
+   ``create_index`` (its shards are placed on those nodes), ``acquire_lock``; first through a
+   client with a replica (a write returns once the client's own replica applied it), then the
+   same through a write-only client (``replica=False``: it returns when the member answered,
+   as etcd's clients do; the rows compared with etcd);
 2. throughput: ``--concurrency`` (64) callers for ``--seconds`` over ``--clients`` (4)
    RaftClients (each RaftClient applies every command to its own replica, so 64 RaftClients in
    one process would measure this process's CPU; 64 callers over a few clients is the
@@ -154,6 +157,10 @@ async def sequential(call: Call, n: int, warmup: int) -> list[float]:
     return await timed_sequence(functools.partial(call, 0), n, warmup)
 
 
+def lat_line(samples: list[float]) -> str:
+    return f"p50 {ms(pct(samples, 50))} p99 {ms(pct(samples, 99))}"
+
+
 @dataclass
 class Tput:
     value: float  # acknowledged writes per second
@@ -263,7 +270,8 @@ def make_node(node_id: str, i: int) -> Node:
 
 @dataclass
 class Ours:
-    seq: dict[str, list[float]] = field(default_factory=dict)
+    seq: dict[str, list[float]] = field(default_factory=dict)  # one write-only client
+    seq_replica: dict[str, list[float]] = field(default_factory=dict)  # one with a replica
     tput: dict[str, Tput] = field(default_factory=dict)
     reads: dict[str, list[float]] = field(default_factory=dict)
     watch: list[float] = field(default_factory=list)
@@ -370,20 +378,29 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         # the leader would mark them DOWN during the run and re-place every shard on them.
         config = await one.get_cluster_config()
         await one.set_cluster_config(msgspec.structs.replace(config, node_timeout=3600.0))
-        prefix = "s"
         for op in WRITES:
-            call = our_call([one], op, f"{prefix}-{op[:4]}")
-            with profiled(args.profile, f"client-seq-{op}"):
-                res.seq[op] = await sequential(call, args.n, args.warmup)
-            s = res.seq[op]
-            print(f"ours: {op} through one client: p50 {ms(pct(s, 50))} p99 {ms(pct(s, 99))}")
+            call = our_call([one], op, f"r-{op[:4]}")
+            with profiled(args.profile, f"client-seq-replica-{op}"):
+                res.seq_replica[op] = await sequential(call, args.n, args.warmup)
+            s = res.seq_replica[op]
+            print(f"ours: {op} through one client with a replica: {lat_line(s)}")
         state = one._local_state()
         index = next(iter(state.indices.values()))
         res.docs["create_index"] = _json(index)
         res.docs["register_node"] = _json(next(iter(state.nodes.values())))
-        # The throughput clients hold no replica unless --replica-clients (etcd's clients
-        # hold none either); the replicas of `one` and the watcher are not connected meanwhile.
+        # Then the same writes through a write-only client (etcd's clients hold no replica
+        # either), on the larger state the first round left; `one` is not connected
+        # meanwhile: the member would stream every command to it.
         await one.stop()
+        lone = await connect([leader_address], cluster_id=CLUSTER_ID, replica=False)
+        clients.append(lone)
+        for op in WRITES:
+            call = our_call([lone], op, f"w-{op[:4]}")
+            with profiled(args.profile, f"client-seq-{op}"):
+                res.seq[op] = await sequential(call, args.n, args.warmup)
+            print(f"ours: {op} through one write-only client: {lat_line(res.seq[op])}")
+        await lone.stop()
+        # The throughput clients hold no replica unless --replica-clients.
         writers = [
             await connect(anywhere, cluster_id=CLUSTER_ID, replica=args.replica_clients)
             for _ in range(args.clients)
@@ -863,7 +880,7 @@ async def run_etcd(args: argparse.Namespace, base: Path, docs: dict[str, bytes])
         for op in WRITES:
             res.seq[op] = await sequential(etcd_call([one], op, "s", docs), args.n, args.warmup)
             s = res.seq[op]
-            print(f"etcd: {op}: p50 {ms(pct(s, 50))} p99 {ms(pct(s, 99))}", flush=True)
+            print(f"etcd: {op}: {lat_line(s)}", flush=True)
         pool += [etcd.http(lead) for _ in range(args.concurrency - 1)]
         for op in ("create_index", "set_feature_flag"):
             await etcd.leader()
@@ -991,7 +1008,7 @@ def table(
         es = etcd.seq.get(op) if e_ok and etcd else None
         first = op == "create_index"
         add(
-            f"{op}, one client, p50 / p99"
+            f"{op}, one write-only client, p50 / p99"
             + (" (etcd: lease grant + txn)" if op == "acquire_lock" else " (etcd: put)"),
             lat2(s),
             lat2(es),
@@ -1001,6 +1018,8 @@ def table(
             "p50 < 1.2 ms" if first else "",
             check(pct(s, 50), TARGET_P50, False) if first else "",
         )
+        sr = ours.seq_replica.get(op)
+        add("  one client with a replica (read-your-writes)", lat2(sr), "", "", r50(sr, es))
     for op in ("create_index", "set_feature_flag"):
         t = ours.tput[op]
         et = etcd.tput.get(op) if e_ok and etcd else None

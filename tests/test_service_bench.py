@@ -35,7 +35,13 @@ def test_quick_run_prints_the_table(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "| metric" in done.stdout
-    for row in ("create_index, one client", "failover: SIGKILL leader", "watch delivery"):
+    rows = (
+        "create_index, one write-only client",
+        "one client with a replica",
+        "failover: SIGKILL leader",
+        "watch delivery",
+    )
+    for row in rows:
         assert row in done.stdout
     assert list(tmp_path.iterdir()) == []  # its data directories are removed
 
