@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from raft.cluster_util import client_address
 
 from controlplane import cli as cli_module
 from controlplane.backends.raft.backend import RaftControlPlane
@@ -31,12 +32,7 @@ def anyio_backend() -> str:
 
 
 def members_of(cluster: list[RaftControlPlane]) -> str:
-    out = []
-    for cp in cluster:
-        address = cp.client_address
-        assert address is not None
-        out.append(f"{address[0]}:{address[1]}")
-    return ",".join(out)
+    return ",".join(map(client_address, cluster))
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
