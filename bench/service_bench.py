@@ -358,6 +358,19 @@ def summarize_collapsed(path: Path, label: str, top: int = 25) -> str:
     return "\n".join(lines)
 
 
+async def one_client_writes(
+    args: argparse.Namespace, client: RaftClient, tag: str, kind: str
+) -> dict[str, list[float]]:
+    """Each of WRITES ``args.n`` times through ``client``, one after the other: the samples."""
+    out: dict[str, list[float]] = {}
+    for op in WRITES:
+        call = our_call([client], op, f"{tag[0]}-{op[:4]}")
+        with profiled(args.profile, f"client-seq-{tag}-{op}"):
+            out[op] = await sequential(call, args.n, args.warmup)
+        print(f"ours: {op} through one {kind}: {lat_line(out[op])}", flush=True)
+    return out
+
+
 async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
     res = Ours()
     cluster = Members(base / "ours", fsync=not args.no_fsync)
@@ -378,12 +391,7 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         # the leader would mark them DOWN during the run and re-place every shard on them.
         config = await one.get_cluster_config()
         await one.set_cluster_config(msgspec.structs.replace(config, node_timeout=3600.0))
-        for op in WRITES:
-            call = our_call([one], op, f"r-{op[:4]}")
-            with profiled(args.profile, f"client-seq-replica-{op}"):
-                res.seq_replica[op] = await sequential(call, args.n, args.warmup)
-            s = res.seq_replica[op]
-            print(f"ours: {op} through one client with a replica: {lat_line(s)}")
+        res.seq_replica = await one_client_writes(args, one, "replica", "client with a replica")
         state = one._local_state()
         index = next(iter(state.indices.values()))
         res.docs["create_index"] = _json(index)
@@ -394,11 +402,7 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         await one.stop()
         lone = await connect([leader_address], cluster_id=CLUSTER_ID, replica=False)
         clients.append(lone)
-        for op in WRITES:
-            call = our_call([lone], op, f"w-{op[:4]}")
-            with profiled(args.profile, f"client-seq-{op}"):
-                res.seq[op] = await sequential(call, args.n, args.warmup)
-            print(f"ours: {op} through one write-only client: {lat_line(res.seq[op])}")
+        res.seq = await one_client_writes(args, lone, "write-only", "write-only client")
         await lone.stop()
         # The throughput clients hold no replica unless --replica-clients.
         writers = [
