@@ -245,7 +245,7 @@ class StateMachine:
         if not ring.follow_membership:
             return
         members = tuple(self._members)
-        if members != ring.nodes:
+        if len(members) != len(ring.nodes) or members != ring.nodes:
             ring = _replace(ring, nodes=members, version=self._version)
             self._changes["hash_ring"] = ring
             self._emit(EventKind.RING_UPDATED, ring=ring)
