@@ -2,7 +2,9 @@
 
 Builds a state of 1,000 data nodes in 3 zones and 10,000 indices of 5 shards with 1 replica,
 then measures, on that state, commands applied per second for node status updates and lock
-commands, create_index with allocation, and the latency of taking the state snapshot.
+commands, create_index with allocation, and the latency of taking the state snapshot; and,
+on a state of its own, ``--joins`` nodes joining with their events kept by a watch hub (the
+cost of a join and the memory the ring events hold).
 
 Run: .venv/bin/python bench/state_machine_bench.py [--nodes 1000] [--indices 10000]
 """
@@ -27,7 +29,8 @@ from controlplane.commands import (
     UpdateNodeStatus,
 )
 from controlplane.state import StateMachine
-from controlplane.types import IndexSettings, Node, NodeStatus
+from controlplane.types import EventKind, IndexSettings, Node, NodeStatus
+from controlplane.watch import WatchHub
 
 SIMPLE = "target 100,000/s"
 CREATE = "target 5,000/s"
@@ -76,10 +79,38 @@ async def call_latency(fn: Callable[[], Awaitable[object]]) -> tuple[float, floa
     return statistics.median(samples), samples[int(len(samples) * 0.99)]
 
 
+def joins_with_history(n: int) -> tuple[float, int]:
+    """``n`` nodes joining an empty cluster, their events published to a watch hub of the
+    default retention as a backend does: (µs per join over the last 1,000, ring entries the
+    history holds at the end: the memory the RING_UPDATED events keep, 8 bytes each)."""
+    sm, hub = StateMachine(), WatchHub()
+    last = min(1000, n)
+    gc.collect()
+    start = time.perf_counter()
+    for i in range(n):
+        if i == n - last:
+            start = time.perf_counter()
+        out = sm.apply(RegisterNode(node=Node(id=f"join-{i:05d}", zone=f"zone-{i % 3}")))
+        hub.publish(out.version, out.events)
+    per_join = (time.perf_counter() - start) / last * 1e6
+
+    async def ring_entries() -> int:
+        held = 0
+        async with hub.watch(since=hub.oldest - 1, kinds={EventKind.RING_UPDATED}) as events:
+            async for event in events:
+                held += len(event.ring.nodes) if event.ring else 0
+                if event.version == hub.head:
+                    break
+        return held
+
+    return per_join, asyncio.run(ring_entries())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--indices", type=int, default=10_000)
+    parser.add_argument("--joins", type=int, default=15_000, help="nodes joining, with a hub")
     args = parser.parse_args()
     settings = IndexSettings(number_of_shards=5, number_of_replicas=1)
     sm = StateMachine()
@@ -91,6 +122,14 @@ def main() -> None:
         for i in range(args.nodes)
     ]
     rows.append(("register_node (empty cluster)", per_s(sm, nodes), ""))
+    per_join, held = joins_with_history(args.joins)
+    rows.append(
+        (
+            f"register_node, last 1,000 of {args.joins:,} joins, with a watch hub",
+            f"{per_join:.1f} us each",
+            f"the history then holds {held:,} ring entries ({held * 8 / 2**20:.1f} MiB)",
+        )
+    )
 
     creates = [
         CreateIndex(name=f"index-{i:05d}", settings=settings, time=t) for i in range(args.indices)

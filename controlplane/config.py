@@ -354,7 +354,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     raft: RaftConfig = RaftConfig()
     k8s: K8sConfig = K8sConfig()
     watch_retention: int = 10_000
-    """Events kept for ``watch(since=...)``; older ones give ``CompactedError``."""
+    """Events kept for ``watch(since=...)``; older ones give ``CompactedError``. An event
+    carrying the hash ring counts once more per 64 nodes in it."""
     log_level: str = "INFO"
     """A :mod:`logging` level name (any case; stored upper-case)."""
 

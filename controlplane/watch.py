@@ -37,6 +37,18 @@ __all__ = ["EventStream", "Watch", "WatchHub"]
 
 _STOPPED = "the control plane was stopped"
 
+RING_NODES_PER_EVENT = 64
+"""An event carrying a ring of n nodes counts as ``1 + n // 64`` events against retention."""
+
+
+def _weight(batch: Sequence[ClusterEvent]) -> int:
+    """What ``batch`` counts for against the retention (see :class:`WatchHub`)."""
+    weight = len(batch)
+    for event in batch:
+        if event.ring is not None:
+            weight += len(event.ring.nodes) // RING_NODES_PER_EVENT
+    return weight
+
 
 class EventStream(abc.ABC):
     """An async iterator of :class:`ClusterEvent` that is also an async context manager.
@@ -102,7 +114,10 @@ class WatchHub:
     costs no memory of its own.
 
     The history keeps at most ``retention`` events and is trimmed by whole versions, oldest
-    first; the newest version is always kept, even when it alone holds more events.
+    first; the newest version is always kept, even when it alone holds more events. An event
+    that carries the hash ring counts once more for every :data:`RING_NODES_PER_EVENT` nodes
+    in it: a ring that follows membership is a new copy of the member list at each join or
+    leave, and a count alone would let a join storm of a large cluster keep thousands of them.
 
     Not thread-safe: call everything from the event loop that runs the watchers.
     """
@@ -160,12 +175,12 @@ class WatchHub:
 
     @property
     def retention(self) -> int:
-        """The maximum number of events kept in the history."""
+        """The maximum number of events kept in the history (a large ring counts as more)."""
         return self._retention
 
     @property
     def retained(self) -> int:
-        """The number of events in the history now."""
+        """The number of events in the history now (a large ring counts as more)."""
         return self._count
 
     @property
@@ -190,7 +205,7 @@ class WatchHub:
                     raise ValueError(f"event {event!r} does not carry version {version}")
             self._versions.append(version)
             self._batches.append(batch)
-            self._count += len(batch)
+            self._count += _weight(batch)
             if self._count > self._retention:
                 self._evict()
         self._head = version
@@ -268,7 +283,7 @@ class WatchHub:
         versions, batches = self._versions, self._batches
         start, end = self._start, len(batches)
         while self._count > self._retention and end - start > 1:
-            self._count -= len(batches[start])
+            self._count -= _weight(batches[start])
             self._floor = versions[start]
             batches[start] = ()
             start += 1

@@ -21,7 +21,7 @@ from controlplane.errors import (
     LaggedError,
     WatchError,
 )
-from controlplane.types import ClusterEvent, EventKind
+from controlplane.types import ClusterEvent, EventKind, HashRing
 from controlplane.watch import EventStream, Watch, WatchHub
 
 K = EventKind
@@ -193,6 +193,29 @@ def test_history_is_trimmed_by_whole_versions() -> None:
     assert (hub.oldest, hub.retained) == (2, 2)
     publish(hub, 3, n=5)  # the newest version is kept even when it alone is too big
     assert (hub.oldest, hub.retained) == (3, 5)
+
+
+@pytest.mark.anyio
+async def test_a_large_ring_counts_for_more_than_one_event() -> None:
+    # A ring that follows membership is a new copy of the member list at every join: 1,000
+    # joins of a 5,000-node cluster must not keep 1,000 copies.
+    hub = WatchHub(retention=41)
+    nodes = tuple(f"n{i}" for i in range(640))
+    for v in range(1, 5):  # 639 nodes and fewer: 1 + 639 // 64 = 10 each, 40 in all
+        ring = HashRing(nodes=nodes[: 640 - v], version=v)
+        hub.publish(v, [ClusterEvent(version=v, kind=K.RING_UPDATED, ring=ring)])
+    assert (hub.oldest, hub.retained) == (1, 40)
+    ring = HashRing(nodes=nodes, version=5)  # 640 nodes: 11, so version 1 goes
+    hub.publish(5, [ClusterEvent(version=5, kind=K.RING_UPDATED, ring=ring)])
+    assert (hub.oldest, hub.retained) == (2, 41)
+    publish(hub, 6)  # an event without a ring counts once: version 2 goes
+    assert (hub.oldest, hub.retained) == (3, 32)
+    with pytest.raises(CompactedError):
+        hub.watch(since=1)
+    async with hub.watch(since=2) as w:
+        got = await take(w, 4)
+    assert [e.version for e in got] == [3, 4, 5, 6]
+    assert got[2].ring == ring
 
 
 @pytest.mark.anyio
