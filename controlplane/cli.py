@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from .backends.raft.client import RaftClient
     from .protocol import ControlPlane
 
-__all__ = ["main"]
+__all__ = ["main", "tune_collector"]
 
 _log = logging.getLogger("controlplane.cli")
 
@@ -336,6 +337,13 @@ async def _follow_test_clock(cp: Any, clock: Any, config: Config) -> None:
     await follow_clock(cp, clock, ack_path(clock.path, raft.cluster_id, raft.node_id))
 
 
+def tune_collector(config: Config) -> None:
+    """Set this process's young-generation GC threshold from ``config.gc_young_threshold``
+    (for a process that runs a member, as ``serve`` does; 0 leaves Python's)."""
+    if config.gc_young_threshold:
+        gc.set_threshold(config.gc_young_threshold, *gc.get_threshold()[1:])
+
+
 def _event_loop() -> tuple[Callable[[], asyncio.AbstractEventLoop] | None, str]:
     """uvloop's loop factory when uvloop is installed (the ``uvloop`` extra), else None
     (asyncio's default loop); and the loop's name for the log."""
@@ -361,8 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=config.log_level,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
+        tune_collector(config)
         factory, loop_name = _event_loop()
-        _log.info("event loop: %s", loop_name)
+        _log.info("event loop: %s; GC thresholds %s", loop_name, gc.get_threshold())
         with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as run:
             run.run(_serve(config, args.test_clock_file))
     except ControlPlaneError as exc:

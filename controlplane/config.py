@@ -358,9 +358,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     carrying the hash ring counts once more per 64 nodes in it."""
     log_level: str = "INFO"
     """A :mod:`logging` level name (any case; stored upper-case)."""
+    gc_young_threshold: int = 7000
+    """The garbage collector's young-generation threshold that ``controlplane serve`` sets in
+    its process (Python's default is 700); 0 leaves Python's. A write's objects live until it
+    commits: with thousands in flight, the default collects them young again and again and
+    promotes them, and older generations are then collected often. Library use (a backend in
+    an application's process) never changes the collector."""
 
     def __post_init__(self) -> None:
         _check_min("watch_retention", self.watch_retention, 1)
+        _check_min("gc_young_threshold", self.gc_young_threshold, 0)
         level = self.log_level.upper()
         if level not in logging.getLevelNamesMapping():
             names = ", ".join(sorted(logging.getLevelNamesMapping()))

@@ -6,6 +6,7 @@ on). Every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 import types
@@ -18,6 +19,7 @@ from raft.cluster_util import client_address
 
 from controlplane import cli as cli_module
 from controlplane.backends.raft.backend import RaftControlPlane
+from controlplane.config import Config, load_config
 from controlplane.testing.raft_harness import RaftHarness
 from controlplane.types import Node
 
@@ -168,3 +170,16 @@ def test_serve_runs_on_uvloop_when_it_is_installed(monkeypatch: pytest.MonkeyPat
     monkeypatch.setitem(sys.modules, "uvloop", fake)
     factory, name = cli_module._event_loop()
     assert factory is asyncio.new_event_loop and name == "uvloop 0.21.0"
+
+
+def test_serve_sets_the_young_gc_threshold_of_its_process() -> None:
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        cli_module.tune_collector(Config(gc_young_threshold=0))  # 0: Python's left alone
+        assert gc.get_threshold() == (700, 11, 12)
+        env = {"CONTROLPLANE__GC_YOUNG_THRESHOLD": "5000"}
+        cli_module.tune_collector(load_config(env=env))
+        assert gc.get_threshold() == (5000, 11, 12)  # the older generations' are kept
+    finally:
+        gc.set_threshold(*saved)

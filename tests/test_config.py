@@ -83,6 +83,7 @@ def test_defaults() -> None:
     assert config.mode == "auto"
     assert config.watch_retention == 10_000
     assert config.log_level == "INFO"
+    assert config.gc_young_threshold == 7000
     raft = config.raft
     assert (raft.node_id, raft.cluster_id, raft.data_dir) == (
         "cp-1",
@@ -314,6 +315,7 @@ INVALID: list[tuple[dict[str, Any], str, str]] = [
     # (overrides, field path, what the message says)
     ({"mode": "paxos"}, "mode", "must be one of auto, k8s, memory, raft, got 'paxos'"),
     ({"watch_retention": 0}, "watch_retention", "must be at least 1, got 0"),
+    ({"gc_young_threshold": -1}, "gc_young_threshold", "must be at least 0, got -1"),
     ({"log_level": "loud"}, "log_level", "must be one of"),
     ({"raft.node_id": ""}, "raft.node_id", "must be 1-63 letters"),
     ({"raft.node_id": "a b"}, "raft.node_id", "must be 1-63 letters"),

@@ -2,9 +2,9 @@
 ``bench/service_bench.py`` (bench-only: never imported by controlplane).
 
 It starts the member exactly as ``controlplane serve --config FILE`` does
-(``open_control_plane(load_config(FILE))``: Raft node, client service and ops HTTP; its logs go
-to stderr), then takes one JSON command per line on stdin and answers one JSON object per line
-on stdout (the first line is ``{"started": true, ...}``):
+(``open_control_plane(load_config(FILE))`` after ``tune_collector``: Raft node, client service
+and ops HTTP; its logs go to stderr), then takes one JSON command per line on stdin and
+answers one JSON object per line on stdout (the first line is ``{"started": true, ...}``):
 
 - ``{"op": "status"}``: this member's id, leader and whether it leads;
 - ``{"op": "throughput", "command": "set_feature_flag"|"create_index", "concurrency": C,
@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ (bench
 from benchlib import GcMeter, event_loop, pct, profiled, timed_closed_loop, timed_sequence
 
 from controlplane.backends.raft.backend import RaftControlPlane
+from controlplane.cli import tune_collector
 from controlplane.config import load_config
 from controlplane.errors import ControlPlaneError
 from controlplane.factory import open_control_plane
@@ -115,6 +116,7 @@ async def local_reads(cp: RaftControlPlane, n: int) -> dict[str, Any]:
 
 async def serve(args: argparse.Namespace, loop_name: str) -> None:
     config = load_config(args.config, None, {})
+    tune_collector(config)  # as serve does
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
