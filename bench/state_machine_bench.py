@@ -6,7 +6,7 @@ commands, create_index with allocation, and the latency of taking the state snap
 on a state of its own, ``--joins`` nodes joining with their events kept by a watch hub (the
 cost of a join and the memory the ring events hold).
 
-Run: .venv/bin/python bench/state_machine_bench.py [--nodes 1000] [--indices 10000]
+Run: .venv/bin/python bench/state_machine_bench.py [--nodes 1000] [--indices 10000] [--joins 15000]
 """
 
 from __future__ import annotations

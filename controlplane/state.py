@@ -245,6 +245,7 @@ class StateMachine:
         if not ring.follow_membership:
             return
         members = tuple(self._members)
+        # Lengths first: tuples compare item by item even when their lengths differ.
         if len(members) != len(ring.nodes) or members != ring.nodes:
             ring = _replace(ring, nodes=members, version=self._version)
             self._changes["hash_ring"] = ring

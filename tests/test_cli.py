@@ -172,7 +172,7 @@ def test_serve_runs_on_uvloop_when_it_is_installed(monkeypatch: pytest.MonkeyPat
     assert factory is asyncio.new_event_loop and name == "uvloop 0.21.0"
 
 
-def test_serve_sets_the_young_gc_threshold_of_its_process() -> None:
+def test_tune_collector_sets_only_the_young_threshold() -> None:
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 11, 12)
