@@ -35,7 +35,9 @@ the load generator: it talks to the members through ``RaftClient`` only. Measure
    callers against its own ``RaftControlPlane``;
 6. failover: SIGKILL of the leader's process, then a new write attempt through the client
    every ``--poll`` (20 ms) until one is acknowledged; kill -> that acknowledgement. Repeated
-   ``--failovers`` times, restarting the killed member in between.
+   ``--failovers`` times, restarting the killed member in between. Then ``--pauses`` times
+   the same with SIGSTOP instead (a hung leader: no connection closes, so the followers wait
+   for their election timeout), resuming the paused member in between.
 
 etcd v3.6.16 (``controlplane.testing.gobuild.build_peer("etcd")``): three members on
 127.0.0.1, default fsync, election timeout 1000 ms and heart-beat 100 ms (its defaults), driven
@@ -289,6 +291,7 @@ class Ours:
     leader_seq: dict[str, Any] = field(default_factory=dict)
     inproc_read: dict[str, Any] = field(default_factory=dict)
     failovers: list[Failover] = field(default_factory=list)
+    pauses: list[Failover] = field(default_factory=list)
     docs: dict[str, bytes] = field(default_factory=dict)  # what create_index etc. store, JSON
     notes: list[str] = field(default_factory=list)
 
@@ -478,15 +481,19 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         await in_leader(args, cluster, res)
         client = await connect(cluster.client_addresses(), cluster_id=CLUSTER_ID)
         try:
-            for i in range(args.failovers):
-                f = await our_failover(args, cluster, client)
-                res.failovers.append(f)
-                print(
-                    f"ours: failover {i + 1}/{args.failovers}: new leader logged after "
-                    f"{secs(f.leader)}, first acknowledged write after {secs(f.commit)} "
-                    f"({f.attempts} attempts)",
-                    flush=True,
-                )
+            for pause, count, out in (
+                (False, args.failovers, res.failovers),
+                (True, args.pauses, res.pauses),
+            ):
+                for i in range(count):
+                    f = await our_failover(args, cluster, client, pause=pause)
+                    out.append(f)
+                    print(
+                        f"ours: {'paused' if pause else 'killed'} leader {i + 1}/{count}: new "
+                        f"leader logged after {secs(f.leader)}, first acknowledged write after "
+                        f"{secs(f.commit)} ({f.attempts} attempts)",
+                        flush=True,
+                    )
         finally:
             await client.stop()
     finally:
@@ -548,7 +555,11 @@ async def in_leader(args: argparse.Namespace, cluster: Members, res: Ours) -> No
     res.inproc_read = await asyncio.to_thread(call, {"op": "local_reads", "n": args.reads})
 
 
-async def our_failover(args: argparse.Namespace, cluster: Members, client: RaftClient) -> Failover:
+async def our_failover(
+    args: argparse.Namespace, cluster: Members, client: RaftClient, *, pause: bool = False
+) -> Failover:
+    """SIGKILL the leader (its kernel closes its connections), or with ``pause`` SIGSTOP it
+    (nothing closes: only the election timeout tells), and time the next acknowledged write."""
     lead = await stable(cluster, client)
     loop = asyncio.get_running_loop()
     done: asyncio.Future[float] = loop.create_future()
@@ -561,7 +572,11 @@ async def our_failover(args: argparse.Namespace, cluster: Members, client: RaftC
                 done.set_result(time.monotonic())
 
     t0 = time.monotonic()
-    killing = loop.create_task(cluster.kill(lead))
+    killing: asyncio.Task[None] | None = None
+    if pause:
+        cluster.pause(lead)
+    else:
+        killing = loop.create_task(cluster.kill(lead))
     leader_at: float | None = None
     count = 0
     while not done.done() and time.monotonic() - t0 < args.failover_deadline:
@@ -570,7 +585,7 @@ async def our_failover(args: argparse.Namespace, cluster: Members, client: RaftC
         task.add_done_callback(attempts.discard)
         count += 1
         await asyncio.wait([done], timeout=args.poll)
-        if leader_at is None and killing.done():
+        if leader_at is None and (killing is None or killing.done()):
             new = cluster.leader()
             if new is not None and new != lead:
                 leader_at = time.monotonic()
@@ -578,12 +593,16 @@ async def our_failover(args: argparse.Namespace, cluster: Members, client: RaftC
     for task in list(attempts):
         task.cancel()
     await asyncio.gather(*attempts, return_exceptions=True)
-    await killing
+    if killing is not None:
+        await killing
     if leader_at is None:
         with contextlib.suppress(TimeoutError):
             await cluster.wait_leader(10.0, other_than=lead)
             leader_at = time.monotonic()
-    await cluster.start_member(lead)
+    if pause:
+        cluster.resume(lead)  # it rejoins as a follower
+    else:
+        await cluster.start_member(lead)
     return Failover(
         None if leader_at is None else leader_at - t0,
         None if commit_at is None else commit_at - t0,
@@ -727,6 +746,12 @@ class Etcd:
             killpg(proc)
         self.procs[i] = None
 
+    def pause(self, i: int, paused: bool = True) -> None:
+        """SIGSTOP member ``i`` (or SIGCONT it with ``paused`` false)."""
+        proc = self.procs[i]
+        if proc is not None:
+            os.killpg(proc.pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
     def close(self) -> None:
         for i in range(3):
             self.kill(i)
@@ -799,6 +824,7 @@ class EtcdResults:
     reads: dict[str, list[float]] = field(default_factory=dict)
     watch: list[float] = field(default_factory=list)
     failovers: list[Failover] = field(default_factory=list)
+    pauses: list[Failover] = field(default_factory=list)
 
 
 async def etcd_watch_latency(etcd: Etcd, lead: int, n: int) -> list[float]:
@@ -832,7 +858,7 @@ async def etcd_watch_latency(etcd: Etcd, lead: int, n: int) -> list[float]:
     return samples
 
 
-async def etcd_failover(args: argparse.Namespace, etcd: Etcd) -> Failover:
+async def etcd_failover(args: argparse.Namespace, etcd: Etcd, *, pause: bool = False) -> Failover:
     lead = await etcd.leader()
     http = etcd.http(lead)
     try:
@@ -856,7 +882,10 @@ async def etcd_failover(args: argparse.Namespace, etcd: Etcd) -> Failover:
             http.close()
 
     t0 = time.monotonic()
-    etcd.kill(lead)
+    if pause:
+        etcd.pause(lead)
+    else:
+        etcd.kill(lead)
     count = 0
     while not done.done() and time.monotonic() - t0 < args.failover_deadline:
         for i in survivors:
@@ -869,7 +898,10 @@ async def etcd_failover(args: argparse.Namespace, etcd: Etcd) -> Failover:
     for task in list(attempts):
         task.cancel()
     await asyncio.gather(*attempts, return_exceptions=True)
-    etcd.start(lead)
+    if pause:
+        etcd.pause(lead, paused=False)
+    else:
+        etcd.start(lead)
     return Failover(None, None if commit_at is None else commit_at - t0, count)
 
 
@@ -924,14 +956,18 @@ async def run_etcd(args: argparse.Namespace, base: Path, docs: dict[str, bytes])
         for http in pool:
             http.close()
         pool.clear()
-        for i in range(args.failovers):
-            f = await etcd_failover(args, etcd)
-            res.failovers.append(f)
-            print(
-                f"etcd: failover {i + 1}/{args.failovers}: first acknowledged put after "
-                f"{secs(f.commit)} ({f.attempts} attempts)",
-                flush=True,
-            )
+        for pause, count, out in (
+            (False, args.failovers, res.failovers),
+            (True, args.pauses, res.pauses),
+        ):
+            for i in range(count):
+                f = await etcd_failover(args, etcd, pause=pause)
+                out.append(f)
+                print(
+                    f"etcd: {'paused' if pause else 'killed'} leader {i + 1}/{count}: first "
+                    f"acknowledged put after {secs(f.commit)} ({f.attempts} attempts)",
+                    flush=True,
+                )
         await etcd.leader()
     finally:
         for http in pool:
@@ -1146,6 +1182,16 @@ def table(
         "< 1.5 s (p50)",
         check(o[1], TARGET_FAILOVER, False),
     )
+    o = fo_stats(ours.pauses, "commit")
+    e = fo_stats(etcd.pauses, "commit") if e_ok and etcd else [None] * 3
+    add(
+        f"  SIGSTOP leader (no connection closes) -> next acknowledged write, of "
+        f"{len(ours.pauses)}",
+        spread(o),
+        spread(e),
+        "",
+        ratio(o[1], e[1]) if e[1] else "",
+    )
     ol = fo_stats(ours.failovers, "leader")
     pl = fo_stats(peer.failovers, "leader") if p_ok and peer else [None] * 3
     add(
@@ -1191,6 +1237,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reads", type=int, default=10_000, help="local reads (1/10 others)")
     parser.add_argument("--watch-n", type=int, default=500, help="watch deliveries timed")
     parser.add_argument("--failovers", type=int, default=9)
+    parser.add_argument(
+        "--pauses", type=int, default=5, help="failovers after SIGSTOP of the leader"
+    )
     parser.add_argument("--poll", type=float, default=0.02, help="new write attempt period")
     parser.add_argument("--failover-deadline", type=float, default=15.0)
     parser.add_argument(
@@ -1236,6 +1285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reads = min(args.reads, 1000)
         args.watch_n = min(args.watch_n, 50)
         args.failovers = min(args.failovers, 1)
+        args.pauses = min(args.pauses, 1)
         args.high_concurrency = min(args.high_concurrency, 1000)
     return args
 
@@ -1289,7 +1339,8 @@ def run(argv: list[str] | None = None) -> list[list[str]]:
     print(
         "\nratio = ours / theirs: below 1 is better for us on latency and failover rows, above 1 "
         "on throughput rows. Ours: 3 `controlplane serve` processes (heart-beat 0.1 s, election "
-        "timeout 1.0 s randomized to [1.0, 2.0) s, fsync on, uvloop if installed); writes "
+        "timeout 1.0 s randomized to [1.0, 2.0) s, or 0-0.2 s after the connection to the "
+        "leader is lost, fsync on, uvloop if installed); writes "
         "and reads through RaftClient connected to the leader, the throughput rows through "
         f"{args.clients} {'full' if args.replica_clients else 'write-only (replica=False)'} "
         "RaftClients. etcd: 3 members, defaults (heart-beat 100 ms, "

@@ -191,6 +191,11 @@ class RaftConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """Seconds between the leader's heart-beats."""
     election_timeout: float = 1.0
     """Seconds without a leader before a follower campaigns (randomized up to twice this)."""
+    campaign_on_leader_loss: bool = True
+    """A follower that loses its connection to the leader (a leader process that crashed:
+    its kernel closes its connections) campaigns within two heart-beats instead of after the
+    election timeout. Members that still hear from a live leader refuse the vote, so a
+    connection lost to a live leader disturbs nothing. False: wait for the timeout."""
     snapshot_entries: int = 10_000
     """Take a snapshot (and compact the log) after this many applied entries (each command
     of an entry that batches several counts), once those entries also hold at least

@@ -96,6 +96,7 @@ def test_defaults() -> None:
     assert raft.peers == ()
     assert raft.bootstrap and raft.fsync and raft.tls is None
     assert (raft.heartbeat_interval, raft.election_timeout) == (0.1, 1.0)
+    assert raft.campaign_on_leader_loss
     assert (raft.snapshot_entries, raft.snapshot_bytes) == (10_000, 64 << 20)
     assert raft.snapshot_log_ratio == 1.0
     assert raft.lazy_commit_delay == 0.002

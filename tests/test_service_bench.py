@@ -39,6 +39,7 @@ def test_quick_run_prints_the_table(tmp_path: Path) -> None:
         "create_index, one write-only client",
         "one client with a replica",
         "failover: SIGKILL leader",
+        "SIGSTOP leader",
         "watch delivery",
     )
     for row in rows:

@@ -542,6 +542,12 @@ class SimParams:
     lazy_rate: float = 0.0
     """Per tick, the chance that one member flips ``lazy_commit`` (a driver whose readers come
     and go): leaders then hold back commit-only Appends to the lazy ones."""
+    report_crashes: bool = False
+    """Tell the live members (within a tick) that a member crashed, as a transport whose
+    connections to it closed does: followers of a crashed leader campaign early."""
+    false_report_rate: float = 0.0
+    """Per tick, the chance that one member is told another (often its leader) is
+    unreachable though it is not: a connection lost to a live member."""
 
     @classmethod
     def from_seed(cls, seed: int) -> SimParams:
@@ -552,6 +558,9 @@ class SimParams:
         rng = random.Random(f"params/{seed}")
         # Drawn apart, so that adding it left every seed's other parameters as they were.
         lazy_rate = random.Random(f"lazy/{seed}").choice((0.0, 0.05, 0.3))
+        reports = random.Random(f"reports/{seed}")
+        report_crashes = reports.random() < 0.7
+        false_report_rate = reports.choice((0.0, 0.0, 0.02, 0.1))
         if rng.random() < 0.1:
             return cls(
                 seed=seed,
@@ -570,6 +579,8 @@ class SimParams:
                 nemesis=True,
                 check_quorum=rng.random() < 0.5,
                 lazy_rate=lazy_rate,
+                report_crashes=report_crashes,
+                false_report_rate=false_report_rate,
             )
         safe_mode = rng.random() < 0.85
         return cls(
@@ -595,6 +606,8 @@ class SimParams:
             pre_vote=safe_mode or rng.random() < 0.5,
             check_quorum=safe_mode or rng.random() < 0.5,
             lazy_rate=lazy_rate,
+            report_crashes=report_crashes,
+            false_report_rate=false_report_rate,
         )
 
 
@@ -617,6 +630,8 @@ class Simulation:
     def __init__(self, params: SimParams) -> None:
         self.p = params
         self.rng = random.Random(params.seed)
+        self.report_rng = random.Random(f"reports/{params.seed}")
+        """Apart from ``rng``: seeds without reports keep the schedules they had."""
         self.checker = Checker()
         self.config = CoreConfig(
             election_tick=10,
@@ -673,8 +688,7 @@ class Simulation:
             # The leader's entries are on the wire, not on its disk: the crash loses them here.
             self.stats["crashes"] += 1
             self.stats["crashes_before_persist"] = self.stats.get("crashes_before_persist", 0) + 1
-            node.crash(self.rng)
-            self._schedule(self.rng.randrange(1, 3 * TICK), "restart", node.id)
+            self._crash(node, 1, 3 * TICK)
             return
         delay = self.rng.choice((0, 0, 1, 3, 8))
         if delay == 0:
@@ -688,8 +702,7 @@ class Simulation:
         if self.drop and self.rng.random() < self.p.crash_after_send:
             # Crash right after acting on durable state: whatever was promised must survive.
             self.stats["crashes"] += 1
-            node.crash(self.rng)
-            self._schedule(self.rng.randrange(1, 3 * TICK), "restart", node.id)
+            self._crash(node, 1, 3 * TICK)
             return
         every = self.p.snapshot_every
         if (
@@ -723,6 +736,16 @@ class Simulation:
                 src=node.id,
                 src_incarnation=node.incarnation,
             )
+
+    def _crash(self, node: SimNode, restart_min: int, restart_max: int) -> None:
+        """Crash ``node`` (losing unsynced writes); restart it in ``[restart_min, restart_max)``."""
+        node.crash(self.rng)
+        self._schedule(self.rng.randrange(restart_min, restart_max), "restart", node.id)
+        if self.p.report_crashes:
+            for other in self.nodes:
+                if other != node.id:
+                    delay = self.report_rng.randrange(1, TICK)
+                    self._schedule(delay, "unreachable", other, src=node.id)
 
     def _after(self, node: SimNode) -> None:
         if node.core is not None:
@@ -760,6 +783,11 @@ class Simulation:
             node = self.nodes[ev.node]
             if node.core is not None and node.incarnation == ev.incarnation and node.pending:
                 self._finish(node)
+        elif kind == "unreachable":
+            node = self.nodes[ev.node]
+            if node.core is not None:
+                node.core.report_unreachable(ev.src)
+                self._after(node)
         elif kind == "restart":
             node = self.nodes[ev.node]
             if node.core is None:
@@ -780,8 +808,7 @@ class Simulation:
             victim = self.nodes[rng.choice(leaders if leaders and rng.random() < 0.5 else members)]
             if victim.core is not None:
                 self.stats["crashes"] += 1
-                victim.crash(rng)
-                self._schedule(rng.randrange(TICK, 40 * TICK), "restart", victim.id)
+                self._crash(victim, TICK, 40 * TICK)
         if rng.random() < p.partition_rate:
             self.partition_id += 1
             kind = rng.random()
@@ -801,6 +828,14 @@ class Simulation:
             self._schedule(
                 rng.randrange(5 * TICK, 60 * TICK), "heal", incarnation=self.partition_id
             )
+        if p.false_report_rate and self.report_rng.random() < p.false_report_rate:
+            node = self.nodes[self.report_rng.choice(members)]
+            if node.core is not None:
+                lead = node.core.lead
+                about = lead if lead and self.report_rng.random() < 0.7 else None
+                about = about or self.report_rng.choice([m for m in members if m != node.id])
+                node.core.report_unreachable(about)
+                self._after(node)
         if p.lazy_rate and rng.random() < p.lazy_rate:
             node = self.nodes[rng.choice(members)]
             if node.core is not None:
@@ -818,8 +853,7 @@ class Simulation:
             window = index >= log.first_index() and log.term(index) != core.term
             if (fresh and rng.random() < 0.2) or (window and rng.random() < 0.5):
                 self.stats["crashes"] += 1
-                node.crash(rng)
-                self._schedule(rng.randrange(TICK, 20 * TICK), "restart", node.id)
+                self._crash(node, TICK, 20 * TICK)
 
     def _client(self, rng: random.Random, *, faults: bool = True) -> None:
         p = self.p

@@ -336,6 +336,43 @@ async def test_graceful_stop_of_the_leader_hands_over_without_an_election_timeou
             }
 
 
+async def test_a_leader_that_stops_abruptly_is_replaced_without_an_election_timeout(
+    tmp_path: Path,
+) -> None:
+    """Its connections close (as a killed process's do): the followers campaign at once."""
+    with anyio.fail_after(60):
+        async with LocalCluster(tmp_path) as cluster:
+            for member in ("cp-2", "cp-3"):  # as above: 60-120 s before they would time out
+                cluster.reconfigure(member, election_timeout=60.0)
+            await cluster.start_all(within=20)
+            assert (await cluster.wait_leader(within=20)).node.id == "cp-1"
+            await write_flags(cluster.members["cp-2"], "before", 10)
+
+            await cluster.stop("cp-1", transfer=False)  # no hand-over, no goodbye
+            with anyio.fail_after(10):
+                new = await cluster.wait_leader()
+            assert new.node.id in ("cp-2", "cp-3")
+            await write_flags(cluster.follower(), "after", 10)
+            state = await cluster.wait_converged()
+            assert dict(state.feature_flags.items()) == {
+                **flags("before", 10),
+                **flags("after", 10),
+            }
+
+
+@pytest.mark.parametrize(("setting", "ticks"), [(True, 2), (False, 0)])
+async def test_campaign_on_leader_loss_reaches_the_core(
+    tmp_path: Path, setting: bool, ticks: int
+) -> None:
+    config = local_cluster_configs(tmp_path, 1, campaign_on_leader_loss=setting)[0]
+    cp = RaftControlPlane(config)
+    await cp.start()
+    try:
+        assert cp.node.options.core_config().leader_loss_ticks == ticks
+    finally:
+        await cp.stop()
+
+
 async def test_watch_on_a_follower_delivers_every_event_in_order(tmp_path: Path) -> None:
     with anyio.fail_after(60):
         async with LocalCluster(tmp_path) as cluster:

@@ -846,6 +846,70 @@ def test_prevote_keeps_a_partitioned_member_from_disrupting(pre_vote: bool) -> N
     c.run_until(lambda: c.leader() is not None)
 
 
+def test_a_lost_leader_is_replaced_within_the_leader_loss_ticks() -> None:
+    # The leader crashed and the transport says so (its connections closed): the followers
+    # elect a new one within leader_loss_ticks (2), not an election timeout (10-19 ticks).
+    c = Cluster(FIVE)
+    elect(c, "a")
+    c.tick(n=5)  # heard from the leader half an election timeout ago
+    c.crash("a")
+    for m in FIVE[1:]:
+        c.core(m).report_unreachable("a")
+    ticks = c.run_until(lambda: c.leader() not in (None, "a"), 10)
+    assert ticks <= 2
+    assert c.core(c.leader() or "a").term == 2  # one election, no split vote
+
+
+def test_a_live_leader_survives_a_lost_connection() -> None:
+    # A follower told its live leader is unreachable campaigns early; its pre-vote is
+    # refused by the members that still hear from the leader (their lease): no new term, and
+    # the follower follows the leader again.
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.cut("a", "c")  # long enough for c's early campaign to happen unanswered by a
+    c.core("c").report_unreachable("a")
+    c.tick(n=3)
+    assert c.count(VoteRequest, src="c", where=lambda m: m.pre) >= 1
+    assert c.leader() == "a" and all(c.core(m).term == 1 for m in ABC)
+    c.heal()
+    c.tick(n=2)
+    assert c.core("c").lead == "a" and c.core("c").role is Role.FOLLOWER
+    c.propose("a", b"x")
+    assert c.data("c") == [b"x"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        CoreConfig(leader_loss_ticks=0),
+        CoreConfig(check_quorum=False),
+        CoreConfig(pre_vote=False),
+    ],
+    ids=["off", "no-check-quorum", "no-pre-vote"],
+)
+def test_a_lost_leader_waits_for_the_timeout_without_lease_and_pre_vote(
+    config: CoreConfig,
+) -> None:
+    # Without pre-vote and the lease an early campaign could depose a live leader: the report
+    # then changes nothing, and the followers wait for their election timeout.
+    c = Cluster(ABC, config=config)
+    elect(c, "a")
+    c.crash("a")
+    for m in ("b", "c"):
+        c.core(m).report_unreachable("a")
+    ticks = c.run_until(lambda: c.leader() not in (None, "a"), 60)
+    assert ticks >= config.election_tick
+
+
+def test_only_the_leader_counts_as_lost() -> None:
+    c = Cluster(ABC)
+    elect(c, "a")
+    c.crash("b")
+    c.core("c").report_unreachable("b")  # another follower: nothing to do
+    c.tick(["c"], n=c.config.election_tick - 1)
+    assert c.core("c").role is Role.FOLLOWER and c.core("c").lead == "a"
+
+
 def test_check_quorum_steps_down_a_leader_without_replies() -> None:
     for check_quorum in (True, False):
         c = Cluster(ABC, config=CoreConfig(check_quorum=check_quorum))

@@ -42,6 +42,8 @@ def test_seed_mix_covers_the_features() -> None:
     assert sum(p.nemesis for p in params) >= 20
     assert sum(not p.pre_vote for p in params) >= 5
     assert sum(p.lazy_rate > 0 for p in params) >= 100
+    assert sum(p.report_crashes for p in params) >= 100
+    assert sum(p.false_report_rate > 0 for p in params) >= 50
 
 
 def test_simulation_is_deterministic() -> None:

@@ -202,6 +202,7 @@ class RaftControlPlane(CommandBackend):
             options=NodeOptions(
                 heartbeat_interval=raft.heartbeat_interval,
                 election_timeout=raft.election_timeout,
+                campaign_on_leader_loss=raft.campaign_on_leader_loss,
                 snapshot_entries=raft.snapshot_entries,
                 snapshot_bytes=raft.snapshot_bytes,
                 snapshot_log_ratio=raft.snapshot_log_ratio,

@@ -431,10 +431,31 @@ class RaftCore:
             self._needs_flush = True
 
     def report_unreachable(self, to: str) -> None:
-        """The transport could not deliver to ``to``: stop pipelining, probe instead."""
-        pr = self.tracker.progress.get(to)
-        if self.role is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
-            pr.become_probe()
+        """The transport could not deliver to ``to``, or lost its connection to it.
+
+        A leader stops pipelining to ``to`` and probes it instead. A follower whose leader
+        this is stops holding the leader's lease and campaigns within
+        ``leader_loss_ticks``: a leader process that crashed (its kernel closes its
+        connections at once) is replaced in a tick or two, not an election timeout. A live
+        leader loses nothing: pre-vote asks first, the members that still hear from it
+        refuse while their lease holds, and its next heartbeat is followed as before.
+        """
+        if self.role is Role.LEADER:
+            pr = self.tracker.progress.get(to)
+            if pr is not None and pr.state is ProgressState.REPLICATE:
+                pr.become_probe()
+            return
+        cfg = self.cfg
+        if (
+            self.role is Role.FOLLOWER
+            and to == self.lead
+            and cfg.leader_loss_ticks
+            and cfg.check_quorum
+            and cfg.pre_vote
+        ):
+            self.election_elapsed = max(self.election_elapsed, cfg.election_tick)
+            soon = self.election_elapsed + 1 + self._rng.randrange(cfg.leader_loss_ticks)
+            self._randomized_timeout = min(self._randomized_timeout, soon)
 
     def step(self, msg: Message) -> None:
         """Process one message from a peer. Stale, duplicated and reordered messages are

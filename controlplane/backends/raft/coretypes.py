@@ -93,6 +93,12 @@ class CoreConfig(msgspec.Struct, frozen=True, kw_only=True):
     check_quorum: bool = True
     """A leader steps down unless a quorum answered within each election timeout; members
     ignore vote requests while they heard from a leader within the election timeout."""
+    leader_loss_ticks: int = 2
+    """A follower told that its leader is unreachable (:meth:`RaftCore.report_unreachable`:
+    the transport lost its connection to it) campaigns within this many ticks, at random,
+    instead of after the election timeout; 0: it waits for the timeout. Needs ``pre_vote``
+    and ``check_quorum``: the other members then refuse the vote while they still hear from
+    a live leader."""
     max_size_per_msg: int = 1 << 20
     max_inflight_msgs: int = 256
     """Appends in flight to one member in REPLICATE state."""
@@ -107,6 +113,8 @@ class CoreConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("heartbeat_tick must be at least 1")
         if self.election_tick <= self.heartbeat_tick:
             raise ValueError("election_tick must be greater than heartbeat_tick")
+        if self.leader_loss_ticks < 0:
+            raise ValueError("leader_loss_ticks must not be negative")
         if self.max_inflight_msgs < 1:
             raise ValueError("max_inflight_msgs must be at least 1")
         if self.max_size_per_msg < 1 or self.max_committed_size_per_ready < 1:

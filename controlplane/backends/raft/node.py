@@ -93,6 +93,9 @@ class NodeOptions:
     """One tick of the core; the leader heart-beats every tick."""
     election_timeout: float = 1.0
     """Followers campaign after a random time in [election_timeout, 2 * election_timeout)."""
+    campaign_on_leader_loss: bool = True
+    """A follower whose connection to the leader is lost campaigns within two ticks (see
+    ``CoreConfig.leader_loss_ticks``); False: after the election timeout."""
     snapshot_entries: int = 10_000
     """Take a snapshot after this many entries were applied since the last one (each command
     of a batch entry counts), once their data is also ``snapshot_log_ratio`` times the last
@@ -123,6 +126,7 @@ class NodeOptions:
             heartbeat_tick=1,
             pre_vote=self.pre_vote,
             check_quorum=self.check_quorum,
+            leader_loss_ticks=2 if self.campaign_on_leader_loss else 0,
             max_uncommitted_entries_size=self.max_uncommitted_bytes,
         )
 

@@ -147,8 +147,11 @@ class TransportOptions:
     queue_max_bytes: int = 64 * 1024 * 1024
     """Per-peer queue bound in bytes; must be at least ``max_frame_size``."""
     backoff_initial: float = 0.05
-    backoff_max: float = 2.0
-    """Cap of the reconnect backoff; also how long a connection must live to reset it."""
+    backoff_max: float = 0.5
+    """Cap of the reconnect backoff; also how long a connection must live to reset it. Half
+    an election timeout at most: a member back from a restart must not wait out a long
+    backoff for the vote requests sent to it (a vote held back for seconds, then delivered
+    with the others, splits the next election)."""
     connect_timeout: float = 5.0
     """Outbound TCP connect + TLS handshake + transport handshake."""
     handshake_timeout: float = 5.0
