@@ -559,8 +559,25 @@ async def our_failover(
     args: argparse.Namespace, cluster: Members, client: RaftClient, *, pause: bool = False
 ) -> Failover:
     """SIGKILL the leader (its kernel closes its connections), or with ``pause`` SIGSTOP it
-    (nothing closes: only the election timeout tells), and time the next acknowledged write."""
+    (nothing closes: only the election timeout tells), and time the next acknowledged write.
+
+    With ``pause`` the writes go through a client of the two other members only, as etcd's
+    go to its survivors: a client connected to a hung member waits for its attempt timeout
+    (5 s) before it moves, as etcd's clientv3 does without keep-alives."""
     lead = await stable(cluster, client)
+    if pause:
+        survivors = [a for i, a in enumerate(cluster.client_addresses()) if i != lead]
+        writer = await connect(survivors, cluster_id=CLUSTER_ID, replica=False)
+        try:
+            return await _failover(args, cluster, writer, lead, pause=True)
+        finally:
+            await writer.stop()
+    return await _failover(args, cluster, client, lead, pause=False)
+
+
+async def _failover(
+    args: argparse.Namespace, cluster: Members, client: RaftClient, lead: int, *, pause: bool
+) -> Failover:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[float] = loop.create_future()
     attempts: set[asyncio.Task[None]] = set()
