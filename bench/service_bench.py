@@ -562,8 +562,8 @@ async def our_failover(
     (nothing closes: only the election timeout tells), and time the next acknowledged write.
 
     With ``pause`` the writes go through a client of the two other members only, as etcd's
-    go to its survivors: a client connected to a hung member waits for its attempt timeout
-    (5 s) before it moves, as etcd's clientv3 does without keep-alives."""
+    go to its survivors: the row measures the election. A client connected to the hung
+    member leaves it once its keep-alives stop for ``keepalive_timeout`` (2 s)."""
     lead = await stable(cluster, client)
     if pause:
         survivors = [a for i, a in enumerate(cluster.client_addresses()) if i != lead]

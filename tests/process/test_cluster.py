@@ -12,6 +12,7 @@ import pytest
 from controlplane.backends.raft.client import connect
 from controlplane.errors import UnavailableError
 from controlplane.testing.faultproxy import Direction, Fault
+from controlplane.types import EventKind
 
 from .cluster import MemberExitedError, ProcessCluster
 
@@ -62,6 +63,48 @@ async def test_paused_leader_is_replaced_and_follows_after_resume(process_cluste
             await cluster.wait_leader(30, agree=[leader])
             assert cluster.members[leader].leader != cluster.members[leader].id
             assert new != leader
+            cluster.check_exits()
+
+
+async def test_a_client_leaves_a_paused_member_and_its_watch_goes_on(
+    process_cluster: Make,
+) -> None:
+    """The member a client is connected to hangs (SIGSTOP: its connection stays open): the
+    keep-alives stop, the client moves to another member, its write and its watch go on
+    there. Attempts may take 60 s here: only the keep-alive can move it this soon."""
+    with anyio.fail_after(90):
+        async with process_cluster(3) as cluster:
+            await cluster.wait_ready(30)
+            client = await connect(
+                cluster.client_addresses(),
+                cluster_id=cluster.cluster_id,
+                start_timeout=10,
+                attempt_timeout=60.0,
+                request_timeout=60.0,
+                keepalive=0.2,
+                keepalive_timeout=1.0,
+            )
+            try:
+                await client.set_feature_flag("before", True)
+                hung = next(
+                    i
+                    for i, m in enumerate(cluster.members)
+                    if m.client_address == client.member_address
+                )
+                async with client.watch(
+                    since=client.version, kinds={EventKind.FLAG_CHANGED}
+                ) as events:
+                    cluster.pause(hung)
+                    try:
+                        with anyio.fail_after(30):
+                            await client.set_feature_flag("after", True)
+                            event = await anext(aiter(events))
+                    finally:
+                        cluster.resume(hung)
+                assert event.key == "after"
+                assert client.member_address != cluster.members[hung].client_address
+            finally:
+                await client.stop()
             cluster.check_exits()
 
 

@@ -14,6 +14,7 @@ import shutil
 import ssl
 import struct
 import subprocess
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from controlplane.backends.raft.service import ClientService
 from controlplane.backends.raft.wire import (
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
+    Alive,
     ClientHello,
     ErrorReply,
     Execute,
@@ -130,10 +132,12 @@ class Raw:
     hello: ServerHello
 
     @classmethod
-    async def open(cls, address: str, cluster_id: str = "controlplane") -> Raw:
+    async def open(
+        cls, address: str, cluster_id: str = "controlplane", *, keepalive: float = 0.0
+    ) -> Raw:
         host, port = address.rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
-        hello = ClientHello(PROTOCOL_NAME, PROTOCOL_VERSION, cluster_id, "raw-client")
+        hello = ClientHello(PROTOCOL_NAME, PROTOCOL_VERSION, cluster_id, "raw-client", keepalive)
         writer.write(encode_frame(ENCODER.encode(hello)))
         reply = HELLO_REPLY.decode(await read_frame(reader))
         return cls(reader, writer, reply)
@@ -471,6 +475,75 @@ async def test_a_client_of_another_cluster_is_refused(tmp_path: Path) -> None:
             assert "'controlplane'" in raw.hello.reason
             assert await raw.closed_by_member()
             await raw.close()
+
+
+async def test_keep_alives_go_only_to_clients_that_ask_for_them(tmp_path: Path) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path) as cluster:
+            asking = await Raw.open(addresses(cluster)[0], keepalive=0.1)
+            silent = await Raw.open(addresses(cluster)[0])
+            assert asking.hello.ok and silent.hello.ok
+            assert (asking.hello.keepalive, silent.hello.keepalive) == (0.1, 0.0)
+            assert await asking.receive() == Alive()
+            assert await asking.receive() == Alive()  # again, while nothing else is sent
+            with pytest.raises(TimeoutError):
+                await silent.receive(within=0.5)
+            for raw in (asking, silent):
+                await raw.close()
+
+
+async def test_a_client_whose_own_loop_stalled_does_not_leave_its_member(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Silence seen after the client's own loop was blocked is checked again once the socket
+    was read: the member was not the one that hung."""
+    caplog.set_level(logging.INFO, logger="controlplane.raft.client")
+    with anyio.fail_after(30):
+        async with (
+            running(tmp_path) as cluster,
+            client_of(cluster, keepalive=0.2, keepalive_timeout=1.0) as client,
+        ):
+            member = client.member_id
+            time.sleep(1.5)  # noqa: ASYNC251 (blocks the loop: the members here, and this client)
+            await asyncio.sleep(1.0)
+            await client.set_feature_flag("after-the-stall", True)
+            assert client.member_id == member
+    assert not [r for r in caplog.records if "nothing from member" in r.getMessage()]
+
+
+async def test_a_member_that_grants_no_keep_alives_is_not_left_for_its_silence(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member older than keep-alives ignores the hello's field and says 0 in its answer."""
+    monkeypatch.setattr(service_module, "_keepalive_interval", lambda hello: 0.0)
+    caplog.set_level(logging.INFO, logger="controlplane.raft.client")
+    with anyio.fail_after(30):
+        async with (
+            running(tmp_path) as cluster,
+            client_of(cluster, keepalive=0.1, keepalive_timeout=0.3, replica=False) as client,
+        ):
+            member = client.member_id
+            await asyncio.sleep(1.0)  # idle: nothing at all comes from the member
+            await client.set_feature_flag("still-here", True)
+            assert client.member_id == member
+    assert not [r for r in caplog.records if "nothing from member" in r.getMessage()]
+
+
+@pytest.mark.parametrize("keepalive", [-1.0, float("nan"), 1e9])
+async def test_a_hello_with_a_bad_keepalive_is_refused(tmp_path: Path, keepalive: float) -> None:
+    with anyio.fail_after(30):
+        async with running(tmp_path) as cluster:
+            raw = await Raw.open(addresses(cluster)[0], keepalive=keepalive)
+            assert not raw.hello.ok and raw.hello.code == "invalid_request"
+            assert "bad hello" in raw.hello.reason
+            assert await raw.closed_by_member()
+            await raw.close()
+
+
+@pytest.mark.parametrize(("keepalive", "timeout"), [(0.01, 2.0), (2.0, 2.0), (3.0, 2.0)], ids=str)
+def test_keepalive_options_are_checked(keepalive: float, timeout: float) -> None:
+    with pytest.raises(InvalidRequestError, match="keepalive"):
+        RaftClient(["127.0.0.1:1"], keepalive=keepalive, keepalive_timeout=timeout)
 
 
 async def test_garbage_after_the_hello_gets_an_error_reply_and_the_connection_stays(

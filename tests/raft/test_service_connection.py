@@ -13,7 +13,15 @@ import pytest
 
 from controlplane.backends.raft import service as service_module
 from controlplane.backends.raft.framing import FrameReader
-from controlplane.backends.raft.wire import Replicate, Reply, VersionReply
+from controlplane.backends.raft.wire import (
+    PROTOCOL_NAME,
+    PROTOCOL_VERSION,
+    Alive,
+    ClientHello,
+    Replicate,
+    Reply,
+    VersionReply,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -65,7 +73,8 @@ def connection(**service: Any) -> tuple[Any, FakeWriter]:
         _max_buffer=service.get("max_buffer", 8 * 1024 * 1024),
         _write_timeout=service.get("write_timeout", 30.0),
     )
-    conn = service_module._Connection(fake_service, None, writer, "c", "peer")  # type: ignore[arg-type]
+    hello = ClientHello(PROTOCOL_NAME, PROTOCOL_VERSION, "x", "c", service.get("keepalive", 0.0))
+    conn = service_module._Connection(fake_service, None, writer, hello, "peer")  # type: ignore[arg-type]
     return conn, writer
 
 
@@ -109,3 +118,24 @@ async def test_a_buffer_overflow_closes_the_connection() -> None:
     assert writer.transport.aborted
     await asyncio.sleep(0)
     assert writer.transport.writes == []  # nothing is written on a broken connection
+
+
+async def test_a_keep_alive_goes_out_only_after_an_idle_interval() -> None:
+    conn, writer = connection(keepalive=30.0)
+    conn._write(VersionReply(request=1, version=5))
+    await asyncio.sleep(0)  # flushed: the connection was busy just now
+    conn._keep_alive()
+    await asyncio.sleep(0)
+    assert len(writer.transport.writes) == 1  # the reply alone
+    conn._written_at -= 30.0  # as if idle for the whole interval
+    conn._keep_alive()
+    await asyncio.sleep(0)
+    assert await frames_of(writer.transport.writes[-1]) == [Alive()]
+    assert conn._keepalive_timer is not None
+    await conn.cancel_tasks()
+    assert conn._keepalive_timer.cancelled()
+
+
+def test_a_keep_alive_interval_below_the_floor_is_raised_to_it() -> None:
+    conn, _ = connection(keepalive=0.001)
+    assert conn._keepalive == service_module._MIN_KEEPALIVE

@@ -24,6 +24,7 @@ import logging
 import math
 import random
 import ssl
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Collection, Sequence
@@ -81,6 +82,7 @@ from .wire import (
     HELLO_MAX_SIZE,
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
+    Alive,
     ClientHello,
     ErrorReply,
     Execute,
@@ -187,6 +189,9 @@ class _Link:
         self._high_water = writer.transport.get_write_buffer_limits()[1]
         self._deadlines: dict[int, list[int]] = {}
         """Request ids by the tick their attempt times out at."""
+        self.heard_at = time.monotonic()
+        """When the last frame arrived (``time.monotonic()``)."""
+        self.watchdog: asyncio.TimerHandle | None = None
 
     def send(self, message: Request) -> None:
         """Queue ``message``; it is written with the others sent in this loop iteration."""
@@ -285,6 +290,12 @@ class RaftClient(CommandBackend):
       rebuild its replica from a member's snapshot (it fell behind every member's history),
       watches behind it end with ``CompactedError``, as on a member that installs a snapshot.
 
+    ``keepalive``: the member sends a frame at least this often (seconds); a member silent for
+    ``keepalive_timeout`` seconds is taken for hung (stopped, frozen, or behind a network that
+    drops its frames though the connection looks open) and the client moves to another one:
+    pending requests are retried there, watches resume there. 0 turns both off (the
+    ``attempt_timeout`` of each request still applies).
+
     ``replica=False`` makes a write-only client, for processes that only write (a load
     generator, a job that registers nodes): it subscribes to nothing and keeps no replica, so
     it costs neither the member a stream of every command nor itself an apply of every
@@ -307,6 +318,8 @@ class RaftClient(CommandBackend):
         request_timeout: float = 30.0,
         attempt_timeout: float = 5.0,
         connect_timeout: float = 5.0,
+        keepalive: float = 0.5,
+        keepalive_timeout: float = 2.0,
         start_timeout: float | None = None,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_SIZE,
         max_in_flight: int = 1024,
@@ -329,6 +342,13 @@ class RaftClient(CommandBackend):
         self._request_timeout = request_timeout
         self._attempt_timeout = attempt_timeout
         self._connect_timeout = connect_timeout
+        if keepalive and not 0.05 <= keepalive < keepalive_timeout:
+            raise InvalidRequestError(
+                f"keepalive must be 0 or at least 0.05 s and less than keepalive_timeout "
+                f"({keepalive_timeout}), got {keepalive}"
+            )
+        self._keepalive = keepalive
+        self._keepalive_timeout = keepalive_timeout if keepalive else 0.0
         self._start_timeout = request_timeout if start_timeout is None else start_timeout
         self._max_frame = check_max_frame_size(max_frame_bytes)
         self._slots = asyncio.Semaphore(max_in_flight)
@@ -734,7 +754,7 @@ class RaftClient(CommandBackend):
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                link = await self._connect(address)
+                link = await self._connect(address, keepalive=False)
                 try:
                     rid = next(self._ids)
                     link.send(make(rid))
@@ -744,7 +764,7 @@ class RaftClient(CommandBackend):
                     chunks: list[bytes] = []
                     while True:
                         message = decode_frame(_REPLY_DECODER, await frames.read_frame())
-                        if isinstance(message, Replicate) or message.request != rid:
+                        if isinstance(message, Replicate | Alive) or message.request != rid:
                             continue
                         if isinstance(message, StateChunk) and not message.last:
                             chunks.append(message.data)
@@ -767,7 +787,7 @@ class RaftClient(CommandBackend):
 
     # --- the connection ----------------------------------------------------------------------
 
-    async def _connect(self, address: str) -> _Link:
+    async def _connect(self, address: str, *, keepalive: bool = True) -> _Link:
         host, port = self._endpoints[address]
         writer: asyncio.StreamWriter | None = None
         try:
@@ -779,6 +799,7 @@ class RaftClient(CommandBackend):
                     version=PROTOCOL_VERSION,
                     cluster_id=self.cluster_id,
                     client_id=self.client_id,
+                    keepalive=self._keepalive if keepalive else 0.0,
                 )
                 writer.write(encode_message_frame(_ENCODER, hello, HELLO_MAX_SIZE))
                 await writer.drain()
@@ -867,6 +888,8 @@ class RaftClient(CommandBackend):
             self._link = link
             self._notify()
             self._check_ready(link)
+            if self._keepalive_timeout and link.hello.keepalive:  # else an older member
+                self._watch_link(link)
             _log.info(
                 "client %s connected to member %s at %s",
                 self.client_id,
@@ -886,6 +909,8 @@ class RaftClient(CommandBackend):
         except (OSError, EOFError, FrameError, _Disconnected) as exc:
             reason = describe_error(exc)
         finally:
+            if link.watchdog is not None:
+                link.watchdog.cancel()
             was_ready = link.target is not None
             link.abort(reason)
             reason = link.broken or reason  # ours, if we broke it (the member saw no fault)
@@ -905,10 +930,31 @@ class RaftClient(CommandBackend):
             )
         return was_ready
 
+    def _watch_link(self, link: _Link, confirm: bool = False) -> None:
+        """Break ``link`` once its member has been silent for ``keepalive_timeout``."""
+        link.watchdog = None
+        loop = asyncio.get_running_loop()
+        silent = time.monotonic() - link.heard_at
+        if silent < self._keepalive_timeout:
+            link.watchdog = loop.call_later(
+                self._keepalive_timeout - silent, self._watch_link, link
+            )
+        elif not confirm:
+            # Look again once the loop has polled the socket: if this process was the one
+            # that stalled, the frames that came meanwhile are read first.
+            link.watchdog = loop.call_later(self._keepalive, self._watch_link, link, True)
+        else:
+            link.abort(
+                f"nothing from member {link.hello.member_id} for {silent:.1f} s (keep-alives "
+                f"every {self._keepalive} s were asked for): it hangs, or the network drops "
+                "its frames"
+            )
+
     async def _pump(self, link: _Link) -> None:
         frames = FrameReader(link.reader, self._max_frame)
         while True:
             batch = await frames.read_frames()
+            link.heard_at = time.monotonic()
             if framing.TRACE is not None:
                 framing.TRACE("c.read", len(batch))
             before = self._machine.state.version
@@ -916,7 +962,7 @@ class RaftClient(CommandBackend):
                 message = decode_frame(_REPLY_DECODER, payload)
                 if isinstance(message, Replicate):  # most frames: no coroutine for them
                     self._apply(message.version, message.command)
-                else:
+                elif not isinstance(message, Alive):
                     await self._receive(link, message)
             if self._machine.state.version != before:
                 self._advance()
@@ -925,6 +971,8 @@ class RaftClient(CommandBackend):
     async def _receive(self, link: _Link, message: Reply) -> None:
         if isinstance(message, Replicate):
             self._apply(message.version, message.command)
+            return
+        if isinstance(message, Alive):
             return
         rid = message.request
         if isinstance(message, StateChunk):

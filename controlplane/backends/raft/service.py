@@ -56,6 +56,7 @@ from .wire import (
     HELLO_MAX_SIZE,
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
+    Alive,
     ClientHello,
     ErrorReply,
     Execute,
@@ -89,8 +90,16 @@ _log = logging.getLogger("controlplane.raft.service")
 _ENCODER = msgspec.msgpack.Encoder()
 _HELLO_DECODER = msgspec.msgpack.Decoder(ClientHello)
 _REQUEST_DECODER: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_ALIVE = Alive()
+_MIN_KEEPALIVE = 0.05
+"""Shortest keep-alive interval a client may ask for (seconds)."""
 _REPLICATE_BATCH = 256
 _STREAM_HIGH_WATER = 1024 * 1024  # drain within a batch beyond this many queued bytes
+
+
+def _keepalive_interval(hello: ClientHello) -> float:
+    """The keep-alive interval a client gets: what it asked for, at least the floor."""
+    return max(hello.keepalive, _MIN_KEEPALIVE) if hello.keepalive else 0.0
 
 
 class _ConnectionGone(Exception):
@@ -239,7 +248,7 @@ class ClientService:
             hello = await self._hello(reader, writer, peer)
             if hello is None:
                 return
-            conn = _Connection(self, reader, writer, hello.client_id, peer)
+            conn = _Connection(self, reader, writer, hello, peer)
             await conn.run()
         except EndOfStream:
             _log.debug("client connection from %s closed", peer)
@@ -309,6 +318,7 @@ class ClientService:
             leader_id=node.leader_id,
             client_address=_format_address(host, port),
             code=code,
+            keepalive=_keepalive_interval(hello) if not code else 0.0,
         )
         writer.write(encode_message_frame(_ENCODER, reply, HELLO_MAX_SIZE))
         await writer.drain()
@@ -326,14 +336,17 @@ class _Connection:
         service: ClientService,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
-        client_id: str,
+        hello: ClientHello,
         peer: str,
     ) -> None:
         self._service = service
         self._backend = service._backend
         self._reader = reader
         self._writer = writer
-        self._client_id = client_id
+        self._client_id = hello.client_id
+        self._keepalive = _keepalive_interval(hello)
+        self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._written_at = time.monotonic()
         self._peer = peer
         self._handlers: set[asyncio.Task[None]] = set()
         self._stream: asyncio.Task[None] | None = None
@@ -349,6 +362,8 @@ class _Connection:
     async def run(self) -> None:
         """Read and dispatch requests until the client leaves or the connection breaks."""
         frames = FrameReader(self._reader, self._service.max_frame_bytes)
+        if self._keepalive:
+            self._keep_alive()
         try:
             while True:
                 for payload in await frames.read_frames():
@@ -361,6 +376,8 @@ class _Connection:
     async def cancel_tasks(self) -> None:
         """End the handlers and the stream of this connection."""
         self._ended = True
+        if self._keepalive_timer is not None:
+            self._keepalive_timer.cancel()
         tasks = [*self._handlers, *([self._stream] if self._stream else [])]
         for task in tasks:
             task.cancel()
@@ -415,6 +432,22 @@ class _Connection:
             started.add_done_callback(partial(self._proposed, message, time.monotonic()))
             return
         self._handlers.add(self._spawn(self._handle(message, None), "request"))
+
+    def _keep_alive(self) -> None:
+        """Send :class:`Alive` if nothing else went out for the client's interval; re-arm."""
+        self._keepalive_timer = None
+        if self._ended or self._broken is not None:
+            return
+        idle = time.monotonic() - self._written_at
+        if idle >= self._keepalive:
+            try:
+                self._write(_ALIVE)
+            except _ConnectionGone:
+                return
+            idle = 0.0
+        self._keepalive_timer = asyncio.get_running_loop().call_later(
+            self._keepalive - idle, self._keep_alive
+        )
 
     def _in_flight(self) -> int:
         return len(self._handlers) + self._quick
@@ -489,6 +522,7 @@ class _Connection:
         out.clear()
         self._out_bytes = 0
         self._writer.write(data)
+        self._written_at = time.monotonic()
         if framing.TRACE is not None:
             framing.TRACE("s.flush")
 

@@ -12,6 +12,10 @@ Every message is a ``msgspec`` struct encoded as a msgpack array, in a length-pr
    with a :class:`VersionReply` (its state version: the replica is current once it got there),
    then sends the whole state as :class:`StateChunk` frames if the client asked for history it
    no longer keeps, and then one :class:`Replicate` frame per state-changing command, forever.
+4. A client that asked for keep-alives in its hello (``keepalive`` seconds) gets an
+   :class:`Alive` frame whenever the member sent it nothing for that long: a client that hears
+   nothing for a few intervals knows the member hangs (or the network drops its frames),
+   though the connection looks open, and moves to another member.
 
 A request the member cannot decode is answered with an :class:`ErrorReply` of code
 ``invalid_request`` (with the request id when it could be read, else 0) and the connection stays
@@ -23,7 +27,7 @@ Fields are only ever appended, with defaults.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -33,6 +37,7 @@ __all__ = [
     "HELLO_MAX_SIZE",
     "PROTOCOL_NAME",
     "PROTOCOL_VERSION",
+    "Alive",
     "ClientHello",
     "ErrorReply",
     "Execute",
@@ -76,6 +81,8 @@ class ClientHello(msgspec.Struct, frozen=True, array_like=True):
     version: int
     cluster_id: str
     client_id: str
+    keepalive: Annotated[float, msgspec.Meta(ge=0.0, le=3600.0)] = 0.0
+    """Send :class:`Alive` after this many seconds without another frame (0: never)."""
 
 
 class ServerHello(msgspec.Struct, frozen=True, array_like=True):
@@ -89,6 +96,9 @@ class ServerHello(msgspec.Struct, frozen=True, array_like=True):
     """The ``host:port`` this member serves clients on."""
     code: str = ""
     """The error code of a refusal (``permission_denied``, ``unavailable``, ...)."""
+    keepalive: float = 0.0
+    """The keep-alive interval this member will keep (0: none; a member older than
+    keep-alives says nothing, which reads as 0)."""
 
 
 # --- requests (client to member) --------------------------------------------------------------
@@ -249,7 +259,11 @@ class Replicate(_Reply, frozen=True):
     command: bytes
 
 
-Reply = ErrorReply | ExecuteReply | VersionReply | StatusReply | StateChunk | Replicate
+class Alive(_Reply, frozen=True):
+    """Nothing else was sent for the keep-alive interval the client asked for."""
+
+
+Reply = ErrorReply | ExecuteReply | VersionReply | StatusReply | StateChunk | Replicate | Alive
 
 
 # --- errors -----------------------------------------------------------------------------------
