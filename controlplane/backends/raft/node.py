@@ -94,8 +94,8 @@ class NodeOptions:
     election_timeout: float = 1.0
     """Followers campaign after a random time in [election_timeout, 2 * election_timeout)."""
     campaign_on_leader_loss: bool = True
-    """A follower whose connection to the leader is lost campaigns within two ticks (see
-    ``CoreConfig.leader_loss_ticks``); False: after the election timeout."""
+    """A follower whose connection to the leader is lost campaigns within
+    ``CoreConfig.leader_loss_ticks`` ticks; False: after the election timeout."""
     snapshot_entries: int = 10_000
     """Take a snapshot after this many entries were applied since the last one (each command
     of a batch entry counts), once their data is also ``snapshot_log_ratio`` times the last
@@ -121,14 +121,16 @@ class NodeOptions:
     def core_config(self) -> CoreConfig:
         """The core's configuration in ticks."""
         ticks = max(2, round(self.election_timeout / self.heartbeat_interval))
-        return CoreConfig(
+        config = CoreConfig(
             election_tick=ticks,
             heartbeat_tick=1,
             pre_vote=self.pre_vote,
             check_quorum=self.check_quorum,
-            leader_loss_ticks=2 if self.campaign_on_leader_loss else 0,
             max_uncommitted_entries_size=self.max_uncommitted_bytes,
         )
+        if self.campaign_on_leader_loss:
+            return config
+        return msgspec.structs.replace(config, leader_loss_ticks=0)
 
 
 # --- driver-level messages, on the same connections as the Raft messages ------------------------
