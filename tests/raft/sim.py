@@ -686,7 +686,6 @@ class Simulation:
             self._send(node, msg, payload)
         if early and self.rng.random() < self.p.crash_before_persist:
             # The leader's entries are on the wire, not on its disk: the crash loses them here.
-            self.stats["crashes"] += 1
             self.stats["crashes_before_persist"] = self.stats.get("crashes_before_persist", 0) + 1
             self._crash(node, 1, 3 * TICK)
             return
@@ -701,7 +700,6 @@ class Simulation:
             self._send(node, msg, payload)
         if self.drop and self.rng.random() < self.p.crash_after_send:
             # Crash right after acting on durable state: whatever was promised must survive.
-            self.stats["crashes"] += 1
             self._crash(node, 1, 3 * TICK)
             return
         every = self.p.snapshot_every
@@ -739,6 +737,7 @@ class Simulation:
 
     def _crash(self, node: SimNode, restart_min: int, restart_max: int) -> None:
         """Crash ``node`` (losing unsynced writes); restart it in ``[restart_min, restart_max)``."""
+        self.stats["crashes"] += 1
         node.crash(self.rng)
         self._schedule(self.rng.randrange(restart_min, restart_max), "restart", node.id)
         if self.p.report_crashes:
@@ -807,7 +806,6 @@ class Simulation:
             # Leaders are picked more often: their crashes make the interesting histories.
             victim = self.nodes[rng.choice(leaders if leaders and rng.random() < 0.5 else members)]
             if victim.core is not None:
-                self.stats["crashes"] += 1
                 self._crash(victim, TICK, 40 * TICK)
         if rng.random() < p.partition_rate:
             self.partition_id += 1
@@ -852,7 +850,6 @@ class Simulation:
             log = core.log
             window = index >= log.first_index() and log.term(index) != core.term
             if (fresh and rng.random() < 0.2) or (window and rng.random() < 0.5):
-                self.stats["crashes"] += 1
                 self._crash(node, TICK, 20 * TICK)
 
     def _client(self, rng: random.Random, *, faults: bool = True) -> None:
