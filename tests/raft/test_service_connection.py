@@ -14,6 +14,7 @@ import pytest
 from controlplane.backends.raft import service as service_module
 from controlplane.backends.raft.framing import FrameReader
 from controlplane.backends.raft.wire import (
+    MIN_KEEPALIVE,
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
     Alive,
@@ -138,4 +139,4 @@ async def test_a_keep_alive_goes_out_only_after_an_idle_interval() -> None:
 
 def test_a_keep_alive_interval_below_the_floor_is_raised_to_it() -> None:
     conn, _ = connection(keepalive=0.001)
-    assert conn._keepalive == service_module._MIN_KEEPALIVE
+    assert conn._keepalive == MIN_KEEPALIVE

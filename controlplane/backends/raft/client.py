@@ -80,6 +80,7 @@ from .tls import client_context
 from .transport import ExponentialBackoff
 from .wire import (
     HELLO_MAX_SIZE,
+    MIN_KEEPALIVE,
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
     Alive,
@@ -342,10 +343,10 @@ class RaftClient(CommandBackend):
         self._request_timeout = request_timeout
         self._attempt_timeout = attempt_timeout
         self._connect_timeout = connect_timeout
-        if keepalive and not 0.05 <= keepalive < keepalive_timeout:
+        if keepalive and not MIN_KEEPALIVE <= keepalive < keepalive_timeout:
             raise InvalidRequestError(
-                f"keepalive must be 0 or at least 0.05 s and less than keepalive_timeout "
-                f"({keepalive_timeout}), got {keepalive}"
+                f"keepalive must be 0 or at least {MIN_KEEPALIVE} s and less than "
+                f"keepalive_timeout ({keepalive_timeout}), got {keepalive}"
             )
         self._keepalive = keepalive
         self._keepalive_timeout = keepalive_timeout if keepalive else 0.0

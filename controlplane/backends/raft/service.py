@@ -54,6 +54,7 @@ from .framing import (
 )
 from .wire import (
     HELLO_MAX_SIZE,
+    MIN_KEEPALIVE,
     PROTOCOL_NAME,
     PROTOCOL_VERSION,
     Alive,
@@ -91,15 +92,13 @@ _ENCODER = msgspec.msgpack.Encoder()
 _HELLO_DECODER = msgspec.msgpack.Decoder(ClientHello)
 _REQUEST_DECODER: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
 _ALIVE = Alive()
-_MIN_KEEPALIVE = 0.05
-"""Shortest keep-alive interval a client may ask for (seconds)."""
 _REPLICATE_BATCH = 256
 _STREAM_HIGH_WATER = 1024 * 1024  # drain within a batch beyond this many queued bytes
 
 
 def _keepalive_interval(hello: ClientHello) -> float:
     """The keep-alive interval a client gets: what it asked for, at least the floor."""
-    return max(hello.keepalive, _MIN_KEEPALIVE) if hello.keepalive else 0.0
+    return max(hello.keepalive, MIN_KEEPALIVE) if hello.keepalive else 0.0
 
 
 class _ConnectionGone(Exception):

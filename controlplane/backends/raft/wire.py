@@ -35,6 +35,7 @@ from ...errors import ControlPlaneError, NotLeaderError, error_from_code
 
 __all__ = [
     "HELLO_MAX_SIZE",
+    "MIN_KEEPALIVE",
     "PROTOCOL_NAME",
     "PROTOCOL_VERSION",
     "Alive",
@@ -72,6 +73,10 @@ HELLO_MAX_SIZE = 64 * 1024
 
 
 # --- hello ----------------------------------------------------------------------------------
+
+
+MIN_KEEPALIVE = 0.05
+"""The shortest keep-alive interval a member keeps (seconds): a shorter one asked for gets this."""
 
 
 class ClientHello(msgspec.Struct, frozen=True, array_like=True):
