@@ -481,19 +481,9 @@ async def run_ours(args: argparse.Namespace, base: Path) -> Ours:
         await in_leader(args, cluster, res)
         client = await connect(cluster.client_addresses(), cluster_id=CLUSTER_ID)
         try:
-            for pause, count, out in (
-                (False, args.failovers, res.failovers),
-                (True, args.pauses, res.pauses),
-            ):
-                for i in range(count):
-                    f = await our_failover(args, cluster, client, pause=pause)
-                    out.append(f)
-                    print(
-                        f"ours: {'paused' if pause else 'killed'} leader {i + 1}/{count}: new "
-                        f"leader logged after {secs(f.leader)}, first acknowledged write after "
-                        f"{secs(f.commit)} ({f.attempts} attempts)",
-                        flush=True,
-                    )
+            await failovers(
+                "ours", args, res, lambda pause: our_failover(args, cluster, client, pause=pause)
+            )
         finally:
             await client.stop()
     finally:
@@ -553,6 +543,29 @@ async def in_leader(args: argparse.Namespace, cluster: Members, res: Ours) -> No
         for what, k in out.get("errors", {}).items():
             res.notes.append(f"in-leader x{callers}: {k} calls failed with {what}")
     res.inproc_read = await asyncio.to_thread(call, {"op": "local_reads", "n": args.reads})
+
+
+async def failovers(
+    who: str,
+    args: argparse.Namespace,
+    res: Ours | EtcdResults,
+    run: Callable[[bool], Awaitable[Failover]],
+) -> None:
+    """``--failovers`` runs of ``run(False)`` (SIGKILL), then ``--pauses`` of ``run(True)``
+    (SIGSTOP), into ``res.failovers`` and ``res.pauses``, each printed."""
+    for pause, count, out in (
+        (False, args.failovers, res.failovers),
+        (True, args.pauses, res.pauses),
+    ):
+        for i in range(count):
+            f = await run(pause)
+            out.append(f)
+            print(
+                f"{who}: {'paused' if pause else 'killed'} leader {i + 1}/{count}: new leader "
+                f"seen after {secs(f.leader)}, first acknowledged write after {secs(f.commit)} "
+                f"({f.attempts} attempts)",
+                flush=True,
+            )
 
 
 async def our_failover(
@@ -973,18 +986,7 @@ async def run_etcd(args: argparse.Namespace, base: Path, docs: dict[str, bytes])
         for http in pool:
             http.close()
         pool.clear()
-        for pause, count, out in (
-            (False, args.failovers, res.failovers),
-            (True, args.pauses, res.pauses),
-        ):
-            for i in range(count):
-                f = await etcd_failover(args, etcd, pause=pause)
-                out.append(f)
-                print(
-                    f"etcd: {'paused' if pause else 'killed'} leader {i + 1}/{count}: first "
-                    f"acknowledged put after {secs(f.commit)} ({f.attempts} attempts)",
-                    flush=True,
-                )
+        await failovers("etcd", args, res, lambda pause: etcd_failover(args, etcd, pause=pause))
         await etcd.leader()
     finally:
         for http in pool:
